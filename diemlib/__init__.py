@@ -1,0 +1,22 @@
+"""diemlib: DiEM and MMPS (Rozet, Andry, Lanusse & Louppe, NeurIPS 2024) in JAX and equinox.
+
+One concept per module, named as in the paper:
+
+- `schedule`: the variance-exploding noise schedule σ_t.
+- `denoiser`: EDM-preconditioned denoiser around a network, noise embedding, denoising loss.
+- `gaussian`: DPLR covariance algebra and the analytic Gaussian denoiser.
+- `ppca`: probabilistic PCA (the Gaussian M-step).
+- `samplers`: DDPM, DDIM and predictor-corrector.
+- `solvers`: CG and GMRES from zero, as lineax solvers.
+- `mmps`: the moment-matching posterior denoiser and the covariance choices.
+- `operators`: observation operators A and their mask generators.
+"""
+
+from .denoiser import Denoiser, denoising_loss, noise_embedding, preconditioning
+from .gaussian import DPLR, GaussianDenoiser
+from .mmps import MMPS, covariance
+from .operators import MaskedFFT, Matrix, PixelMask, kspace_mask, pixel_mask, random_projection
+from .ppca import ppca
+from .samplers import DDIM, DDPM, PC, sampler
+from .schedule import VESchedule
+from .solvers import CG, GMRES, solver

@@ -1,0 +1,146 @@
+r"""Krylov solvers for MMPS, written as lineax solvers so they plug in like lineax's own.
+
+Both start from $v_0 = 0$, so the initial residual is $b$ and costs no operator product:
+$k$ iterations cost exactly $k$ products $M p$. (lineax's shipped `CG` and `GMRES` evaluate
+$b - M v_0$ first, one product more: for MMPS, one network VJP more per call.) Both report the
+relative residual $\|b - M v_k\|/\|b\|$ from quantities they already hold, in `stats["residual"]`.
+"""
+
+from typing import Any
+
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import lineax as lx
+from equinox import field
+
+
+def _dot(a, b):
+    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _axpy(alpha, x, y):
+    """$\\alpha x + y$ on pytrees."""
+    return jax.tree.map(lambda xi, yi: alpha * xi + yi, x, y)
+
+
+def _safe_div(num, den):
+    return jnp.where(den != 0, num / jnp.where(den != 0, den, 1), 0)
+
+
+class _KrylovSolver(lx.AbstractLinearSolver):
+    """What lineax needs beyond `compute`, shared by both solvers (real operators only)."""
+
+    def init(self, operator, options):
+        return operator
+
+    def transpose(self, state, options):
+        return state.transpose(), options
+
+    def conj(self, state, options):
+        return state, options
+
+    def assume_full_rank(self):
+        return True
+
+
+class CG(_KrylovSolver):
+    r"""Conjugate gradients from $v_0 = 0$ for a symmetric positive-definite $M$.
+
+    $$\alpha_k = \frac{r_k^\top r_k}{p_k^\top M p_k}, \quad v_{k+1} = v_k + \alpha_k p_k, \quad
+    r_{k+1} = r_k - \alpha_k M p_k, \quad p_{k+1} = r_{k+1} + \frac{r_{k+1}^\top r_{k+1}}{r_k^\top r_k} p_k.$$
+
+    **Arguments:**
+
+    - `max_steps`: the number of iterations $k$ (exactly $k$ when `rtol = 0`).
+    - `rtol`: stop early once $\|r_k\| \le$ `rtol` $\|b\|$ (the reference uses 1e-3).
+    """
+
+    max_steps: int = field(static=True)
+    rtol: float = field(static=True, default=0.0)
+
+    def compute(self, state, vector, options) -> tuple[Any, lx.RESULTS, dict]:
+        operator = state
+        b_norm2 = _dot(vector, vector)
+        v = jax.tree.map(jnp.zeros_like, vector)
+        init = (0, v, vector, vector, b_norm2)
+
+        def body(carry):
+            step, v, r, p, gamma = carry
+            mp = operator.mv(p)
+            alpha = _safe_div(gamma, _dot(p, mp))
+            v = _axpy(alpha, p, v)
+            r = _axpy(-alpha, mp, r)
+            gamma_next = _dot(r, r)
+            p = _axpy(_safe_div(gamma_next, gamma), p, r)
+            return step + 1, v, r, p, gamma_next
+
+        def cond(carry):
+            step, *_, gamma = carry
+            return (step < self.max_steps) & (gamma > self.rtol**2 * b_norm2)
+
+        if self.rtol == 0:
+            carry = jax.lax.fori_loop(0, self.max_steps, lambda _, c: body(c), init)
+        else:
+            carry = jax.lax.while_loop(cond, body, init)
+        steps, v, _, _, gamma = carry
+        stats = {"num_steps": steps, "residual": jnp.sqrt(_safe_div(gamma, b_norm2))}
+        return v, lx.RESULTS.successful, stats
+
+
+class GMRES(_KrylovSolver):
+    r"""GMRES with $k$ Arnoldi steps from $v_0 = 0$, no restart, for any non-singular $M$.
+
+    Builds an orthonormal basis $Q_k$ of the Krylov space $\mathcal{K}_k(M, b)$ with the Hessenberg
+    matrix $H$ ($M Q_k = Q_{k+1} H$) and returns $v = Q_k y$ with
+    $y = \arg\min_y \|\, \|b\| e_1 - H y \|$. Recommended when the denoiser's Jacobian is not
+    symmetric (a trained network), where CG may diverge (method.md §3.3).
+
+    **Arguments:**
+
+    - `max_steps`: the number of iterations $k$.
+    """
+
+    max_steps: int = field(static=True)
+
+    def compute(self, state, vector, options) -> tuple[Any, lx.RESULTS, dict]:
+        operator = state
+        k = self.max_steps
+        flat, unravel = jax.flatten_util.ravel_pytree(vector)
+        matvec = lambda q: jax.flatten_util.ravel_pytree(operator.mv(unravel(q)))[0]
+        beta = jnp.linalg.norm(flat)
+        basis = jnp.zeros((k + 1, flat.size), flat.dtype).at[0].set(_safe_div(flat, beta))
+        hessenberg = jnp.zeros((k + 1, k), flat.dtype)
+
+        def arnoldi(j, carry):
+            basis, hessenberg = carry
+            w = matvec(basis[j])
+            mask = jnp.arange(k + 1) <= j
+            for _ in range(2):  # Gram-Schmidt twice: orthogonal to working precision
+                h = jnp.where(mask, basis @ w, 0)
+                w = w - h @ basis
+                hessenberg = hessenberg.at[:, j].add(h)
+            norm = jnp.linalg.norm(w)
+            hessenberg = hessenberg.at[j + 1, j].set(norm)
+            return basis.at[j + 1].set(_safe_div(w, norm)), hessenberg
+
+        basis, hessenberg = jax.lax.fori_loop(0, k, arnoldi, (basis, hessenberg))
+        rhs = jnp.zeros(k + 1, flat.dtype).at[0].set(beta)
+        y = jnp.linalg.lstsq(hessenberg, rhs)[0]
+        residual = _safe_div(jnp.linalg.norm(rhs - hessenberg @ y), beta)
+        stats = {"num_steps": jnp.asarray(k), "residual": residual}
+        return unravel(y @ basis[:k]), lx.RESULTS.successful, stats
+
+
+def solver(name: str, max_steps: int, rtol: float = 0.0) -> lx.AbstractLinearSolver:
+    """Builds a solver by name: `cg`, `gmres` (ours, from zero) or `bicgstab` (lineax's).
+
+    `rtol > 0` stops CG early; GMRES and BiCGStab with a tolerance use lineax's own solvers.
+    """
+    if name == "cg":
+        return CG(max_steps, rtol)
+    if name == "gmres":
+        return GMRES(max_steps) if rtol == 0 else lx.GMRES(rtol, 0.0, max_steps=max_steps, restart=max_steps)
+    if name == "bicgstab":
+        return lx.BiCGStab(rtol, 0.0, max_steps=max_steps)
+    raise ValueError(f"unknown solver {name!r}; choose one of ['bicgstab', 'cg', 'gmres']")
