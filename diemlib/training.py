@@ -125,13 +125,15 @@ def make_train_step(
 
 
 @eqx.filter_jit
-def _fit_chunk(state, data, key, first, stop, *, batch_size, step_fn, augment, chunk):
+def _fit_chunk(state, data, key, first, stop, *, batch_size, step_fn, augment, chunk, sharding):
     """Steps `first, ..., first + chunk - 1` in one scan; the steps from `stop` on are idle."""
     dynamic, static = eqx.partition(state, eqx.is_array)
 
     def active(dynamic, i):
         key_batch, key_augment, key_step = jax.random.split(jax.random.fold_in(key, i), 3)
         batch = data[jax.random.randint(key_batch, (batch_size,), 0, data.shape[0])]
+        if sharding is not None:
+            batch = jax.lax.with_sharding_constraint(batch, sharding)
         if augment is not None:
             batch = augment(key_augment, batch)
         state, loss = step_fn(eqx.combine(dynamic, static), batch, key_step)
@@ -161,6 +163,7 @@ def fit(
     augment: Callable[[PRNGKeyArray, Array], Array] | None = None,
     callback: Callable[[int, PyTree, Array], Any] | None = None,
     chunk: int = 256,
+    sharding: jax.sharding.Sharding | None = None,
 ) -> tuple[PyTree, Float[Array, " steps"]]:
     r"""Runs `steps` training steps on batches drawn with replacement from `data`.
 
@@ -182,6 +185,7 @@ def fit(
     - `callback`: `callback(step, state, losses)` after each chunk, with the number of steps
         done and that chunk's losses.
     - `chunk`: the number of steps per scan (all chunks share one compilation).
+    - `sharding`: where each batch goes, e.g. split over devices (data parallelism).
 
     **Returns:** the final state and the loss of every step.
 
@@ -194,6 +198,7 @@ def fit(
         state, chunk_losses = _fit_chunk(
             state, data, key, jnp.uint32(first), jnp.uint32(stop),
             batch_size=batch_size, step_fn=step_fn, augment=augment, chunk=chunk,
+            sharding=sharding,
         )
         chunk_losses = chunk_losses[: min(chunk, stop - first)]
         bad = jnp.flatnonzero(~jnp.isfinite(chunk_losses))

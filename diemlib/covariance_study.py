@@ -1,0 +1,271 @@
+r"""The Tweedie covariance study (paper §4.2, Figs. 1–2): which $\mathbb{V}[x \mid x_t]$ makes
+$q(y \mid x_t)$ right?
+
+MMPS replaces the intractable likelihood $p(y \mid x_t) = \int p(y \mid x)\, p(x \mid x_t)\, dx$
+of $y = W x + \eta$, $\eta \sim \mathcal{N}(0, \Sigma_y)$, by moment matching
+$q(x \mid x_t) = \mathcal{N}(\mathbb{E}[x \mid x_t], V)$:
+
+$$q(y \mid x_t) = \mathcal{N}\big(y \mid W\, \mathbb{E}[x \mid x_t],\ \Sigma_y + W V W^\top\big).$$
+
+For a Gaussian-mixture prior ([`GaussianMixture`][]) everything else is exact, so the quality of
+$q(x_t \mid y) \propto p(x_t)\, q(y \mid x_t)$ isolates the choice of $V$ (method.md §3.4):
+`zero` ($0$), `sigma` ($\sigma^2 I$), `sigma_over_1p`, `prior`
+($\sigma^2 I - \sigma^4 (\Sigma_x + \sigma^2 I)^{-1}$ with the empirical prior covariance) and
+`tweedie` (the exact $\mathbb{V}[x \mid x_t] = \sigma^2 \nabla \mathbb{E}[x \mid x_t]$).
+
+Every distribution is represented by samples (experiments.md §02):
+
+- the true posterior $p(x \mid y)$: prior samples importance-resampled with weights $p(y \mid x)$;
+  the true $p(x_t \mid y)$ adds $\sigma z$ to them;
+- the approximation $q(x_t \mid y)$: noised prior samples $x_t = x + \sigma z \sim p(x_t)$
+  importance-resampled with weights $q(y \mid x_t)$;
+- the estimator floor: the same resampling with the exact likelihood
+  $p(y \mid x_t) = \sum_k r_k(x_t)\, \mathcal{N}(y \mid W m_k, \Sigma_y + c\, W W^\top)$ (the mixture of
+  [`GaussianMixture`][]'s component posteriors), i.e. an independent set of true $p(x_t \mid y)$
+  samples drawn exactly like the approximations: the value a perfect $V$ would score.
+
+The score is the reference's Sinkhorn number ([`sinkhorn_divergence`][]) between a true set and
+an approximate set, debiased by a second, independent true set.
+"""
+
+import math
+from typing import Callable, Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.scipy.special import logsumexp
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
+
+from .gaussian import DPLR
+from .mixture import GaussianMixture, manifold_mixture
+from .mmps import Covariance, covariance
+from .sinkhorn import entropic_ot
+
+EXACT = "exact"
+"""The name of the exact likelihood $p(y \\mid x_t)$ among the weights: the estimator floor."""
+
+CHOICES = ("zero", "sigma", "sigma_over_1p", "prior", "tweedie")
+"""The covariance choices of method.md §3.4 that the study can compare."""
+
+
+class Observation(eqx.Module):
+    r"""A linear-Gaussian observation $y = W x + \eta$, $\eta \sim \mathcal{N}(0, \Sigma_y I)$.
+
+    **Arguments:** `W` of shape `(m, n)`, `y` of shape `(m,)`, the scalar variance `var_y`.
+    """
+
+    W: Float[Array, "m n"]
+    y: Float[Array, " m"]
+    var_y: Float[Array, ""]
+
+    def __init__(self, W: ArrayLike, y: ArrayLike, var_y: ArrayLike):
+        self.W = jnp.atleast_2d(jnp.asarray(W))
+        self.y = jnp.atleast_1d(jnp.asarray(y, self.W.dtype))
+        self.var_y = jnp.asarray(var_y, self.W.dtype)
+
+    def log_likelihood(self, x: Float[Array, "... n"]) -> Float[Array, "..."]:
+        r"""$\log p(y \mid x) = \log \mathcal{N}(y \mid W x, \Sigma_y I)$."""
+        residual = self.y - x @ self.W.T
+        m = self.y.shape[0]
+        return -0.5 * (jnp.sum(residual**2, -1) / self.var_y + m * jnp.log(2 * jnp.pi * self.var_y))
+
+
+def random_observation(
+    key: PRNGKeyArray, mixture: GaussianMixture, var_y: float = 1e-4, rows: int = 1
+) -> Observation:
+    r"""experiments.md §02: rows of $W \sim \mathcal{N}(0, I)$ normalised to the unit sphere, the
+    true $x$ the first component mean, $y \sim \mathcal{N}(W x, \Sigma_y I)$."""
+    key_w, key_y = jax.random.split(key)
+    dtype = mixture.means.dtype
+    W = jax.random.normal(key_w, (rows, mixture.dim), dtype)
+    W = W / jnp.linalg.norm(W, axis=-1, keepdims=True)
+    y = W @ mixture.means[0] + math.sqrt(var_y) * jax.random.normal(key_y, (rows,), dtype)
+    return Observation(W, y, var_y)
+
+
+def resample(
+    key: PRNGKeyArray, samples: Float[Array, "N n"], log_weights: Float[Array, " N"], count: int
+) -> Float[Array, "count n"]:
+    r"""Importance resampling: `count` draws, with replacement, of `samples[i]` with probability
+    $w_i / \sum_j w_j$, by inverting the cumulative sum of $w_i = \exp(\log w_i - \max_j \log w_j)$.
+
+    The cumulative sum runs in the dtype of `log_weights`: float64 (`jax_enable_x64`) keeps it
+    exact over $2^{20}$ weights.
+    """
+    weights = jnp.exp(log_weights - jnp.max(log_weights))
+    cumulative = jnp.cumsum(weights)
+    u = jax.random.uniform(key, (count,), cumulative.dtype) * cumulative[-1]
+    index = jnp.searchsorted(cumulative, u, side="right")
+    return samples[jnp.minimum(index, samples.shape[0] - 1)]
+
+
+def true_posterior(
+    key: PRNGKeyArray, prior: Float[Array, "N n"], obs: Observation, count: int
+) -> Float[Array, "count n"]:
+    r"""`count` samples of $p(x \mid y) \propto p(x)\, p(y \mid x)$: prior samples resampled with
+    weights $p(y \mid x)$."""
+    return resample(key, prior, obs.log_likelihood(prior), count)
+
+
+def empirical_covariance(samples: Float[Array, "N n"]) -> DPLR:
+    r"""The empirical covariance $\Sigma_x$ of samples, as a full-rank [`DPLR`][] $0 + L L^\top$
+    ($L$ its Cholesky factor), the form [`mmps.Prior`][] takes."""
+    centred = samples - samples.mean(axis=0)
+    cov = centred.T @ centred / (samples.shape[0] - 1)
+    return DPLR(jnp.zeros(samples.shape[1], samples.dtype), jnp.linalg.cholesky(cov))
+
+
+def covariances(choices: Sequence[str], prior: Float[Array, "N n"] | None = None) -> dict[str, Covariance]:
+    """The covariance choices by name ([`mmps.covariance`][]); `prior` uses the empirical covariance
+    of the `prior` samples."""
+    cov_x = empirical_covariance(prior) if "prior" in choices else None
+    return {name: covariance(name, cov_x) for name in choices}
+
+
+def log_likelihoods(
+    mixture: GaussianMixture,
+    obs: Observation,
+    x_t: Float[Array, " n"],
+    sigma: ArrayLike,
+    covs: dict[str, Covariance],
+) -> dict[str, Array]:
+    r"""$\log q(y \mid x_t)$ for one $x_t$ and every covariance choice, and the exact
+    $\log p(y \mid x_t)$ under the name [`EXACT`][].
+
+    Each choice gets the closure $u \mapsto J^\top u$ of the exact denoiser, here
+    $J^\top u = \mathbb{V}[x \mid x_t]\, u / \sigma^2$ in closed form ($J$ is symmetric), so
+    [`mmps.Tweedie`][] applies exactly $\sigma^2 J^\top u = \mathbb{V}[x \mid x_t]\, u$. Then
+    $W V W^\top$ has columns $W (V W_j^\top)$ and
+    $\log q(y \mid x_t) = \log \mathcal{N}(y \mid W\, \mathbb{E}[x \mid x_t], \Sigma_y I + W V W^\top)$.
+    """
+    sigma = jnp.asarray(sigma, x_t.dtype)
+    m = obs.y.shape[0]
+    eye = jnp.eye(m, dtype=x_t.dtype)
+    r, x_hat, V = mixture.moments(x_t, sigma)
+    vjp = lambda u: V @ u / sigma**2  # Jᵀ = J = V / σ²
+
+    out = {}
+    for name, cov in covs.items():
+        VW = jax.vmap(lambda w: cov(w, sigma, vjp))(obs.W)  # rows: (V W_jᵀ)ᵀ
+        out[name] = _log_normal(obs.y, obs.W @ x_hat, obs.var_y * eye + obs.W @ VW.T)
+
+    # exact: p(y | x_t) = Σ_k r_k N(y | W m_k, Σ_y + c W Wᵀ)
+    s2, v = mixture.std**2, mixture.std**2 + sigma**2
+    W_m = (sigma**2 * mixture.means @ obs.W.T + s2 * obs.W @ x_t) / v  # (K, m)
+    cov_e = obs.var_y * eye + (s2 * sigma**2 / v) * obs.W @ obs.W.T
+    out[EXACT] = logsumexp(_log_normal(obs.y, W_m, cov_e), b=r)
+    return out
+
+
+def _log_normal(y: Array, mean: Float[Array, "... m"], cov: Float[Array, "m m"]) -> Array:
+    r"""$\log \mathcal{N}(y \mid \text{mean}, \text{cov})$ for one covariance and any batch of means
+    (closed form when $m = 1$: batched $1 \times 1$ Cholesky factorisations are slow on CPU)."""
+    m = y.shape[0]
+    if m == 1:
+        var = cov[0, 0]
+        return -0.5 * ((y[0] - mean[..., 0]) ** 2 / var + jnp.log(2 * jnp.pi * var))
+    chol = jnp.linalg.cholesky(cov)
+    z = jax.scipy.linalg.solve_triangular(chol, (y - mean).T, lower=True)
+    return -0.5 * (jnp.sum(z**2, 0) + m * jnp.log(2 * jnp.pi)) - jnp.sum(jnp.log(jnp.diag(chol)))
+
+
+@eqx.filter_jit
+def noised_posteriors(
+    key: PRNGKeyArray,
+    mixture: GaussianMixture,
+    obs: Observation,
+    prior: Float[Array, "N n"],
+    sigma: ArrayLike,
+    covs: dict[str, Covariance],
+    count: int,
+    chunk: int = 8192,
+) -> dict[str, Float[Array, "count n"]]:
+    r"""`count` samples of $q(x_t \mid y) \propto p(x_t)\, q(y \mid x_t)$ for every choice in `covs`,
+    and of the exact $p(x_t \mid y)$ under [`EXACT`][].
+
+    The noised prior samples $x_t = x + \sigma z$ (one draw shared by all choices) are resampled
+    with weights $q(y \mid x_t)$ from [`log_likelihoods`][], computed `chunk` samples at a time.
+    """
+    key_z, key_r = jax.random.split(key)
+    x_t = prior + sigma * jax.random.normal(key_z, prior.shape, prior.dtype)
+    one = lambda x: log_likelihoods(mixture, obs, x, sigma, covs)
+    log_w = jax.lax.map(one, x_t, batch_size=min(chunk, x_t.shape[0]))
+    return {name: resample(jax.random.fold_in(key_r, i), x_t, log_w[name], count)
+            for i, name in enumerate(sorted(log_w))}
+
+
+@eqx.filter_jit
+def _noised(key: PRNGKeyArray, x: Array, sigma: ArrayLike) -> Array:
+    """$x + \\sigma z$."""
+    return x + sigma * jax.random.normal(key, x.shape, x.dtype)
+
+
+def study_seed(
+    key: PRNGKeyArray,
+    sigmas: Sequence[float],
+    choices: Sequence[str] = ("zero", "sigma", "prior", "tweedie"),
+    *,
+    n: int = 3,
+    components: int = 256,
+    std: float = 0.01,
+    var_y: float = 1e-4,
+    prior_samples: int = 2**20,
+    divergence_samples: int = 16384,
+    reg: float = 1e-3,
+    max_iter: int = 1024,
+    stop: float = 1e-3,
+    chunk: int = 8192,
+    ot_dtype: jnp.dtype | str = "float32",
+    callback: Callable[[], None] | None = None,
+) -> dict[str, np.ndarray]:
+    r"""One seed of paper Fig. 2: a fresh manifold mixture, observation and prior sample set, then
+    for every $\sigma_t$ the Sinkhorn number of each choice and of the floor.
+
+    For each $\sigma_t$: $x^{(1)}, x^{(2)}$ are two independent sets of true $p(x_t \mid y)$
+    samples (true posterior samples plus fresh noise), $\pi$ the approximate set, and
+    $S(\pi) = \max(\mathrm{OT}_\lambda(x^{(1)}, \pi) - \mathrm{OT}_\lambda(x^{(1)}, x^{(2)}), 10^{-6})$,
+    i.e. [`sinkhorn_divergence`][] with its debiasing term computed once for all choices.
+
+    Sample sets are drawn in the default dtype (float64 under `jax_enable_x64`); the Sinkhorn
+    iterations run in `ot_dtype` (float32 costs 2 to 4 times less on CPU).
+
+    **Returns:** `{name: array of len(sigmas)}` for every choice and [`EXACT`][] (the floor).
+    `callback` (if any) is called after every $\sigma_t$ (progress bars).
+    """
+    for name in choices:
+        if name not in CHOICES:
+            raise ValueError(f"unknown covariance choice {name!r}; choose from {CHOICES}")
+    key_mix, key_obs, key_prior, key_post, key_sigma = jax.random.split(key, 5)
+    mixture = manifold_mixture(key_mix, n=n, components=components, std=std)
+    obs = random_observation(key_obs, mixture, var_y)
+    prior = mixture.sample(key_prior, prior_samples)
+    covs = covariances(choices, prior)
+    reference = true_posterior(key_post, prior, obs, 2 * divergence_samples)
+    x1, x2 = reference[:divergence_samples], reference[divergence_samples:]
+    ot = lambda a, b: float(entropic_ot(a.astype(ot_dtype), b.astype(ot_dtype), reg=reg, max_iter=max_iter, stop=stop))
+
+    out = {name: np.empty(len(sigmas)) for name in (*choices, EXACT)}
+    for i, sigma in enumerate(sigmas):
+        sigma = jnp.asarray(sigma, prior.dtype)  # traced, not static: one compilation for all σ
+        key_i = jax.random.fold_in(key_sigma, i)
+        key_1, key_2, key_q = jax.random.split(key_i, 3)
+        u1, u2 = _noised(key_1, x1, sigma), _noised(key_2, x2, sigma)
+        approx = noised_posteriors(key_q, mixture, obs, prior, sigma, covs, divergence_samples, chunk)
+        bias = ot(u1, u2)
+        for name in out:
+            out[name][i] = max(ot(u1, approx[name]) - bias, 1e-6)
+        if callback is not None:
+            callback()
+    return out
+
+
+def summarise(divergences: dict[str, np.ndarray], quantiles: Sequence[float] = (0.25, 0.5, 0.75)) -> dict:
+    r"""Quantiles over seeds: `{name: {"q25": [...], "median": [...], "q75": [...]}}` per $\sigma_t$,
+    from `{name: array (seeds, len(sigmas))}`."""
+    label = {0.25: "q25", 0.5: "median", 0.75: "q75"}
+    return {
+        name: {label.get(q, f"q{round(100 * q)}"): np.quantile(values, q, axis=0).tolist() for q in quantiles}
+        for name, values in divergences.items()
+    }

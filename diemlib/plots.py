@@ -1,0 +1,42 @@
+"""Figures shared by the notebooks (matplotlib only; every function returns its figure)."""
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+
+def corner(
+    samples: np.ndarray,
+    reference: np.ndarray | None = None,
+    *,
+    bins: int = 64,
+    limits: tuple[float, float] = (-3.0, 3.0),
+    title: str | None = None,
+    size: float = 1.4,
+):
+    """Corner plot: 1-D histograms on the diagonal, 2-D histograms below it (paper Fig. 3).
+
+    `reference` (e.g. the ground truth) is drawn above the diagonal, mirrored, and as a line on
+    the diagonal, so the two distributions can be compared panel by panel.
+    """
+    samples = np.asarray(samples)
+    d = samples.shape[1]
+    fig, axes = plt.subplots(d, d, figsize=(size * d, size * d), squeeze=False)
+    edges = np.linspace(*limits, bins + 1)
+    for i in range(d):
+        for j in range(d):
+            ax = axes[i, j]
+            ax.set_xticks([]), ax.set_yticks([])
+            if i == j:
+                ax.hist(samples[:, i], edges, density=True, color="C0", alpha=0.6)
+                if reference is not None:
+                    ax.hist(np.asarray(reference)[:, i], edges, density=True, histtype="step", color="k")
+            elif i > j:
+                ax.hist2d(samples[:, j], samples[:, i], [edges, edges], cmap="Blues")
+            elif reference is not None:
+                ax.hist2d(np.asarray(reference)[:, j], np.asarray(reference)[:, i], [edges, edges], cmap="Greys")
+            else:
+                ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.subplots_adjust(wspace=0.05, hspace=0.05)
+    return fig

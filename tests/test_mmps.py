@@ -1,0 +1,266 @@
+"""MMPS (method.md §3) with the analytic Gaussian denoiser: every quantity has a closed form."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import lineax as lx
+import numpy as np
+import pytest
+
+from diemlib.gaussian import DPLR, GaussianDenoiser
+from diemlib.mmps import MMPS, Prior, Tweedie, covariance
+from diemlib.operators import Matrix, broadcast
+from diemlib.samplers import DDPM
+from diemlib.schedule import VESchedule
+from diemlib.solvers import CG, GMRES, solver
+
+D, M = 5, 3
+
+
+def _prior(seed=0):
+    rng = np.random.default_rng(seed)
+    dplr = DPLR(jnp.asarray(rng.uniform(0.3, 1.0, D)), jnp.asarray(rng.normal(size=(D, 2))))
+    mean = rng.normal(size=D)
+    return GaussianDenoiser(jnp.asarray(mean), dplr), mean, np.asarray(dplr.dense())
+
+
+def _problem(batch, seed=1):
+    """Per-sample A, y, x_t and sigma."""
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(batch, M, D))
+    y = rng.normal(size=(batch, M))
+    x_t = rng.normal(size=(batch, D)) * 2
+    sigma = np.geomspace(0.05, 5.0, batch)
+    return a, y, x_t, sigma
+
+
+def _mmps(denoiser, a, y, var_y, **kwargs):
+    return MMPS(denoiser, Matrix(jnp.asarray(a)), jnp.asarray(y), jnp.asarray(var_y), **kwargs)
+
+
+@eqx.filter_jit
+def _with_info(mmps, x_t, sigma):
+    """Jitted MMPS call (eager lineax is slow); compiled once per solver/covariance/shape."""
+    return mmps.with_info(jnp.asarray(x_t), jnp.asarray(sigma))
+
+
+def _call(mmps, x_t, sigma):
+    return np.asarray(_with_info(mmps, x_t, sigma)[0])
+
+
+def _x_hat_and_jacobian(mean, cov, x_t, s):
+    jac = np.eye(D) - s**2 * np.linalg.inv(cov + s**2 * np.eye(D))
+    return x_t - s**2 * np.linalg.solve(cov + s**2 * np.eye(D), x_t - mean), jac
+
+
+def _exact_posterior_mean(mean, cov, x_t, s, a, y, var_y):
+    """E[x | x_t, y] by dense conditioning of the joint Gaussian of (x, x_t, y):
+    x_t = x + s z, y = A x + eta, eta ~ N(0, diag(var_y))."""
+    k = np.block([[cov + s**2 * np.eye(D), cov @ a.T], [a @ cov, a @ cov @ a.T + np.diag(var_y)]])
+    c = np.hstack([cov, cov @ a.T])
+    return mean + c @ np.linalg.solve(k, np.r_[x_t - mean, y - a @ mean])
+
+
+def _exact_posterior(mean, cov, a, y, var_y):
+    """N(mean, cov) of x | y (no x_t)."""
+    gain = cov @ a.T @ np.linalg.inv(a @ cov @ a.T + np.diag(var_y))
+    return mean + gain @ (y - a @ mean), cov - gain @ a @ cov
+
+
+def _system(mean, cov, x_t, s, a, y, var_y, v_cov=None):
+    """Dense M = Sigma_y + A V A^T (V = s^2 J by default), b = y - A x_hat, and x_hat, J."""
+    x_hat, jac = _x_hat_and_jacobian(mean, cov, x_t, s)
+    v_cov = s**2 * jac if v_cov is None else v_cov
+    return np.diag(var_y) + a @ v_cov @ a.T, y - a @ x_hat, x_hat, jac
+
+
+EXACT_SOLVERS = {
+    "cg": CG(M),
+    "gmres": GMRES(M),
+    "lineax_cg": lx.CG(rtol=1e-13, atol=1e-13, max_steps=50),
+    "lineax_gmres": solver("gmres", M, rtol=1e-13),
+    "lineax_lu": lx.LU(),
+}
+
+
+@pytest.mark.parametrize("solver_name", list(EXACT_SOLVERS))
+def test_exact_solve_gives_the_analytic_posterior_mean(solver_name):
+    """Random per-sample A (m = 3, d = 5); Sigma_y scalar, shared diagonal, per-sample diagonal;
+    sigma per sample and shared."""
+    denoiser, mean, cov = _prior()
+    batch = 4
+    a, y, x_t, sigma = _problem(batch)
+    variances = [np.asarray(0.1), np.array([0.05, 0.2, 1.0]), np.random.default_rng(2).uniform(0.05, 1.0, (batch, M))]
+
+    @eqx.filter_jit
+    def run(x_t, sigma):
+        outs = []
+        for var_y in variances:
+            mmps = _mmps(denoiser, a, y, var_y, solver=EXACT_SOLVERS[solver_name])
+            outs += [mmps(x_t, sigma), mmps(x_t, 0.7)]
+        return outs
+
+    outs = iter(np.asarray(o) for o in run(jnp.asarray(x_t), jnp.asarray(sigma)))
+    for var_y in variances:
+        full_var = np.broadcast_to(var_y, (batch, M))
+        for s in (sigma, np.full(batch, 0.7)):
+            out = next(outs)
+            for b in range(batch):
+                expected = _exact_posterior_mean(mean, cov, x_t[b], s[b], a[b], y[b], full_var[b])
+                np.testing.assert_allclose(out[b], expected, rtol=1e-7, atol=1e-8)
+
+
+def test_posterior_sampling_reproduces_the_gaussian_posterior():
+    """DDPM (256 steps) with MMPS (exact CG) on one observation shared by the batch draws
+    N(m_post, C_post): whitened mean within 5/sqrt(N), covariance within 6 sqrt(2/N)."""
+    denoiser, mean, cov = _prior()
+    rng = np.random.default_rng(3)
+    a, y, var_y = rng.normal(size=(M, D)), rng.normal(size=M), np.full(M, 0.1)
+    m_post, c_post = _exact_posterior(mean, cov, a, y, var_y)
+    n = 4000
+    mmps = MMPS(denoiser, broadcast(Matrix(jnp.asarray(a)), n), jnp.broadcast_to(jnp.asarray(y), (n, M)),
+                jnp.asarray(0.1), solver=CG(M))
+    run = eqx.filter_jit(lambda key: DDPM(VESchedule(1e-3, 1e2), 256)(mmps, (n, D), key, mean=denoiser.mean))
+    x = np.asarray(run(jax.random.key(0)))
+    values, vectors = np.linalg.eigh(c_post)
+    w = (x - m_post) @ (vectors @ np.diag(values**-0.5) @ vectors.T).T
+    assert np.all(np.abs(w.mean(0)) < 5 / np.sqrt(n)), w.mean(0)
+    w_cov = np.cov(w.T, bias=True)
+    assert np.all(np.abs(w_cov - np.eye(D)) < 6 * np.sqrt(2 / n)), w_cov
+
+
+@pytest.mark.parametrize("scope", ["sample", "batch"])
+def test_prior_covariance_equals_tweedie_for_the_gaussian_denoiser(scope):
+    denoiser, mean, cov = _prior()
+    a, y, x_t, sigma = _problem(4)
+    for k in (1, M):  # also an inexact solve: the two operators M are the same matrix
+        tweedie = _call(_mmps(denoiser, a, y, 0.1, cov=covariance("tweedie"), solver=CG(k), scope=scope), x_t, sigma)
+        prior = _mmps(denoiser, a, y, 0.1, cov=covariance("prior", denoiser.cov), solver=CG(k), scope=scope)
+        np.testing.assert_allclose(_call(prior, x_t, sigma), tweedie, rtol=1e-10, atol=1e-11)
+
+
+@pytest.mark.parametrize("name", ["zero", "sigma", "sigma_over_1p"])
+def test_heuristic_covariances_match_their_closed_forms(name):
+    """Only V inside the solve changes; the final direction keeps the denoiser's J^T:
+    x_hat + s^2 J^T A^T (Sigma_y + A V A^T)^-1 (y - A x_hat)."""
+    denoiser, mean, cov = _prior()
+    batch = 4
+    a, y, x_t, sigma = _problem(batch)
+    var_y = np.array([0.05, 0.2, 1.0])
+    out = _call(_mmps(denoiser, a, y, var_y, cov=covariance(name), solver=CG(M)), x_t, sigma)
+    for b in range(batch):
+        s = sigma[b]
+        v_cov = {"zero": 0.0, "sigma": s**2, "sigma_over_1p": s**2 / (1 + s**2)}[name] * np.eye(D)
+        mat, rhs, x_hat, jac = _system(mean, cov, x_t[b], s, a[b], y[b], var_y, v_cov)
+        expected = x_hat + s**2 * jac.T @ a[b].T @ np.linalg.solve(mat, rhs)
+        if name == "zero":  # the DPS-like form
+            np.testing.assert_allclose(expected, x_hat + s**2 * jac.T @ a[b].T @ ((y[b] - a[b] @ x_hat) / var_y))
+        np.testing.assert_allclose(out[b], expected, rtol=1e-9, atol=1e-10)
+
+
+def test_per_sample_scope_does_not_depend_on_the_batch():
+    denoiser, _, _ = _prior()
+    a, y, x_t, sigma = _problem(6)
+    var_y = np.random.default_rng(4).uniform(0.05, 1.0, (6, M))
+
+    def run(index, scope):
+        mmps = _mmps(denoiser, a[index], y[index], var_y[index], solver=CG(2), scope=scope)
+        return _call(mmps, x_t[index], sigma[index])
+
+    full = run(np.arange(6), "sample")
+    for index in (np.array([0, 2, 4]), np.array([5, 3, 1, 0, 2, 4])):
+        np.testing.assert_allclose(run(index, "sample"), full[index], rtol=1e-13, atol=1e-14)
+    # The reference's batch scope shares alpha_k, beta_k: the same rows change with the batch.
+    full_batch, sub_batch = run(np.arange(6), "batch"), run(np.array([0, 2, 4]), "batch")
+    assert np.max(np.abs(sub_batch - full_batch[[0, 2, 4]])) > 1e-6
+
+
+def _batch_problem(batch=4, seed=5):
+    denoiser, mean, cov = _prior()
+    a, y, x_t, sigma = _problem(batch, seed)
+    var_y = np.random.default_rng(seed).uniform(0.05, 1.0, (batch, M))
+    blocks, rhs, x_hats, jacs = zip(*(_system(mean, cov, x_t[b], sigma[b], a[b], y[b], var_y[b]) for b in range(batch)))
+    big = np.zeros((batch * M, batch * M))
+    for b, block in enumerate(blocks):
+        big[b * M:(b + 1) * M, b * M:(b + 1) * M] = block
+    return denoiser, a, y, x_t, sigma, var_y, big, np.concatenate(rhs), x_hats, jacs
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_batch_scope_equals_jax_scipy_cg_on_the_stacked_system(k):
+    denoiser, a, y, x_t, sigma, var_y, big, rhs, x_hats, jacs = _batch_problem()
+    batch = len(sigma)
+    big_j = jnp.asarray(big)
+    v = jax.scipy.sparse.linalg.cg(lambda u: big_j @ u, jnp.asarray(rhs), x0=jnp.zeros_like(rhs), tol=0.0,
+                                   atol=0.0, maxiter=k)[0]
+    v = np.asarray(v).reshape(batch, M)
+    if k == 1:  # the reference's one iteration: v = <b, b> / <b, M b> b, sums over the batch
+        np.testing.assert_allclose(v.reshape(-1), rhs @ rhs / (rhs @ big @ rhs) * rhs, rtol=1e-12)
+    expected = np.stack([x_hats[b] + sigma[b] ** 2 * jacs[b].T @ a[b].T @ v[b] for b in range(batch)])
+    out = _call(_mmps(denoiser, a, y, var_y, solver=CG(k), scope="batch"), x_t, sigma)
+    np.testing.assert_allclose(out, expected, rtol=1e-10, atol=1e-11)
+
+
+def _recover_v(out, x_hat, jac, s, a):
+    """v from out = x_hat + s^2 J^T A^T v (J^T A^T has full column rank)."""
+    return np.linalg.lstsq(s**2 * jac.T @ a.T, out - x_hat, rcond=None)[0]
+
+
+def _textbook_cg(mat, b, k):
+    v, r = np.zeros_like(b), b.copy()
+    p = r.copy()
+    for _ in range(k):
+        alpha = (r @ r) / (p @ mat @ p)
+        v, r_new = v + alpha * p, r - alpha * mat @ p
+        p, r = r_new + (r_new @ r_new) / (r @ r) * p, r_new
+    return v
+
+
+@pytest.mark.parametrize(
+    "name, make, steps", [("cg", lambda: CG(2), 2), ("gmres", lambda: GMRES(2), 2),
+                          ("bicgstab", lambda: solver("bicgstab", 1, rtol=1e-12), None)]
+)
+def test_diagnostics_report_iterations_and_the_true_relative_residual(name, make, steps):
+    denoiser, mean, cov = _prior()
+    batch = 4
+    a, y, x_t, sigma = _problem(batch)
+    var_y = np.array([0.05, 0.2, 1.0])
+    out, info = _with_info(_mmps(denoiser, a, y, var_y, solver=make()), x_t, sigma)
+    assert info["residual"].shape == (batch,) and info["iterations"].shape == (batch,)
+    if steps is not None:
+        np.testing.assert_array_equal(info["iterations"], steps)
+    for b in range(batch):
+        mat, rhs, x_hat, jac = _system(mean, cov, x_t[b], sigma[b], a[b], y[b], var_y)
+        v = _recover_v(np.asarray(out[b]), x_hat, jac, sigma[b], a[b])
+        true_residual = np.linalg.norm(rhs - mat @ v) / np.linalg.norm(rhs)
+        assert true_residual > 1e-6  # an inexact solve: the check is not trivially 0 = 0
+        np.testing.assert_allclose(info["residual"][b], true_residual, rtol=1e-6)
+        if name == "cg":
+            np.testing.assert_allclose(v, _textbook_cg(mat, rhs, 2), rtol=1e-8, atol=1e-10)
+
+
+def test_cg_with_tolerance_stops_early_on_an_easy_system():
+    """At sigma = 1e-3 and Sigma_y = I, M = I + 1e-6 A J A^T: one iteration meets rtol = 1e-3."""
+    denoiser, mean, cov = _prior()
+    a, y, x_t, _ = _problem(4)
+    out, info = _with_info(_mmps(denoiser, a, y, 1.0, solver=CG(10, rtol=1e-3)), x_t, 1e-3)
+    assert np.all(info["iterations"] < 10), info["iterations"]
+    np.testing.assert_array_equal(info["iterations"], 1)
+    assert np.all(info["residual"] <= 1e-3)
+    for b in range(4):
+        mat, rhs, x_hat, jac = _system(mean, cov, x_t[b], 1e-3, a[b], y[b], np.ones(M))
+        expected = x_hat + 1e-6 * jac.T @ a[b].T @ np.linalg.solve(mat, rhs)
+        np.testing.assert_allclose(out[b], expected, rtol=1e-6, atol=1e-9)
+
+
+def test_invalid_choices_raise():
+    with pytest.raises(ValueError):
+        covariance("nope")
+    with pytest.raises(ValueError):
+        covariance("prior")
+    denoiser, _, _ = _prior()
+    assert isinstance(covariance("prior", denoiser.cov), Prior)
+    assert isinstance(covariance("tweedie"), Tweedie)
+    a, y, _, _ = _problem(2)
+    with pytest.raises(ValueError):
+        _mmps(denoiser, a, y, 0.1, scope="nope")

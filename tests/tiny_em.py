@@ -1,0 +1,97 @@
+"""A tiny DiEM run, shared by tests/test_em.py (imported) and its sharding test (run as a script).
+
+`python tests/tiny_em.py OUT_DIR [--laps K]` runs [`em.diem`][] on the tiny problem below in
+`OUT_DIR` and prints one line of JSON: the device count, the metrics without their timings, the
+last lap's posterior samples and the final model's weights (flattened). It runs in the dtype of
+the process (float32 unless the caller enables x64); set
+`XLA_FLAGS=--xla_force_host_platform_device_count=2` to shard it over two CPU devices.
+
+The problem: N = 256 points of a random 1-D manifold in R^3, observed through random 2 x 3
+projections with noise variance 1e-4; a tiny MLP (hidden 32); DDIM/PC samplers of 16 steps;
+an M-step of 64 Adam steps. Every batch size is even, so it splits over two devices.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from diemlib import checkpoint, em, operators, solvers  # noqa: E402
+from diemlib.denoiser import Denoiser  # noqa: E402
+from diemlib.manifold import random_manifold, sample_manifold  # noqa: E402
+from diemlib.networks import MLP  # noqa: E402
+from diemlib.samplers import DDIM, PC  # noqa: E402
+from diemlib.schedule import VESchedule  # noqa: E402
+
+D = 3  # latent dimension
+N = 256  # observations
+VAR_Y = 1e-4
+SCHEDULE = VESchedule(1e-3, 10.0)
+GAUSSIAN_ESTEP = em.EStep(DDIM(SCHEDULE, 16), solvers.CG(4), "tweedie", batch_size=128)
+ESTEP = em.EStep(PC(SCHEDULE, 16), solvers.CG(3), "tweedie", batch_size=128)
+MSTEP = em.MStep(64, 64, 1e-3, schedule="linear")
+
+
+def problem(seed: int = 0) -> dict:
+    """The observations `A`, `y` (and the hidden latents `x`) and a fresh `model`."""
+    k = jax.random.split(jax.random.key(seed), 5)
+    x = sample_manifold(k[1], random_manifold(k[0], D), N)
+    A = jax.vmap(lambda key: operators.random_projection(key, 2, D))(jax.random.split(k[2], N))
+    y = em.simulate_observations(k[3], A, x, VAR_Y)
+    model = Denoiser(MLP(D, emb_features=16, hidden=32, layers=2, key=k[4]), emb_features=16)
+    return {"x": x, "A": A, "y": y, "model": model}
+
+
+def run(run_dir, prob: dict, *, laps: int, key: int = 1, mstep: em.MStep = MSTEP,
+        config: dict | None = None, log=lambda line: None, **kwargs) -> dict:
+    """[`em.diem`][] on `prob` in `run_dir` (q0: 2 iterations, full rank)."""
+    return em.diem(
+        run_dir, jax.random.key(key), model=prob["model"], A=prob["A"], y=prob["y"], var_y=VAR_Y,
+        event_shape=(D,), schedule=SCHEDULE, gaussian_estep=GAUSSIAN_ESTEP, gaussian_rank=D,
+        gaussian_iterations=2, estep=ESTEP, mstep=mstep, laps=laps,
+        config={"seed": 0} if config is None else config, log=log, **kwargs,
+    )
+
+
+def without_times(tree):
+    """`tree` (nested dicts and lists) without the wall-clock entries (keys ending in `time`)."""
+    if isinstance(tree, dict):
+        return {k: without_times(v) for k, v in tree.items() if not k.endswith("time")}
+    if isinstance(tree, list):
+        return [without_times(v) for v in tree]
+    return tree
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir")
+    parser.add_argument("--laps", type=int, default=2)
+    args = parser.parse_args()
+    prob = problem()
+    metrics = run(args.out_dir, prob, laps=args.laps)
+    samples_like = jnp.zeros((N, D), prob["y"].dtype)
+    samples, meta = checkpoint.load(Path(args.out_dir) / "estep.eqx", samples_like)
+    (model, mean), _ = checkpoint.load(Path(args.out_dir) / "state.eqx", (prob["model"], jnp.zeros(D, prob["y"].dtype)))
+    (q0_mean, q0_cov), _ = checkpoint.load(Path(args.out_dir) / "q0.eqx", (prob["y"][0], em.DPLR(prob["y"][0], jnp.zeros((D, D), prob["y"].dtype))))
+    weights = np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(model) if hasattr(leaf, "shape")])
+    print(json.dumps({
+        "device_count": jax.device_count(),
+        "dtype": str(prob["y"].dtype),
+        "metrics": without_times(metrics),
+        "samples_lap": meta["lap"],
+        "samples": np.asarray(samples).tolist(),
+        "mean": np.asarray(mean).tolist(),
+        "q0_mean": np.asarray(q0_mean).tolist(),
+        "q0_cov": np.asarray(q0_cov.dense()).tolist(),
+        "weights": weights.tolist(),
+    }))
+
+
+if __name__ == "__main__":
+    main()
