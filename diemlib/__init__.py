@@ -16,7 +16,6 @@ from .denoiser import Denoiser, denoising_loss, noise_embedding, preconditioning
 from .gaussian import DPLR, GaussianDenoiser
 from .mmps import MMPS, covariance
 from .operators import MaskedFFT, Matrix, PixelMask, kspace_mask, pixel_mask, random_projection
-from .ppca import ppca
 from .samplers import DDIM, DDPM, PC, sampler
 from .schedule import VESchedule
 from .solvers import CG, GMRES, solver

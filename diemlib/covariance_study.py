@@ -196,10 +196,51 @@ def noised_posteriors(
             for i, name in enumerate(sorted(log_w))}
 
 
+def posterior_sets(
+    key: PRNGKeyArray,
+    mixture: GaussianMixture,
+    obs: Observation,
+    sigma: float,
+    choices: Sequence[str] = ("zero", "sigma", "prior", "tweedie"),
+    *,
+    prior_samples: int = 2**20,
+    count: int = 65536,
+    chunk: int = 8192,
+) -> dict[str, Float[Array, "count n"]]:
+    r"""Paper Fig. 1 at one $\sigma_t$: `count` samples of the true $p(x_t \mid y)$ (name `"true"`:
+    true posterior samples plus $\sigma_t z$), of $q(x_t \mid y)$ for every choice, and of the exact
+    resampling (name [`EXACT`][]), all from one set of `prior_samples` prior samples."""
+    key_prior, key_post, key_noise, key_q = jax.random.split(key, 4)
+    prior = mixture.sample(key_prior, prior_samples)
+    sigma = jnp.asarray(sigma, prior.dtype)
+    true = _noised(key_noise, true_posterior(key_post, prior, obs, count), sigma)
+    approx = noised_posteriors(key_q, mixture, obs, prior, sigma, covariances(choices, prior), count, chunk)
+    return {"true": true, **approx}
+
+
 @eqx.filter_jit
 def _noised(key: PRNGKeyArray, x: Array, sigma: ArrayLike) -> Array:
     """$x + \\sigma z$."""
     return x + sigma * jax.random.normal(key, x.shape, x.dtype)
+
+
+def divergences(
+    reference: Array,
+    other_reference: Array,
+    sets: dict[str, Array],
+    *,
+    reg: float = 1e-3,
+    max_iter: int = 1024,
+    stop: float = 1e-3,
+    dtype: jnp.dtype | str | None = None,
+) -> dict[str, float]:
+    r"""[`sinkhorn_divergence`][] of every set in `sets` against `reference`, with the debiasing term
+    $\mathrm{OT}_\lambda(x^{(1)}, x^{(2)})$ computed once for all; the iterations run in `dtype`
+    (default: that of the samples)."""
+    cast = (lambda a: a) if dtype is None else (lambda a: jnp.asarray(a, dtype))
+    ot = lambda a, b: float(entropic_ot(cast(a), cast(b), reg=reg, max_iter=max_iter, stop=stop))
+    bias = ot(reference, other_reference)
+    return {name: max(ot(reference, samples) - bias, 1e-6) for name, samples in sets.items()}
 
 
 def study_seed(
@@ -226,7 +267,8 @@ def study_seed(
     For each $\sigma_t$: $x^{(1)}, x^{(2)}$ are two independent sets of true $p(x_t \mid y)$
     samples (true posterior samples plus fresh noise), $\pi$ the approximate set, and
     $S(\pi) = \max(\mathrm{OT}_\lambda(x^{(1)}, \pi) - \mathrm{OT}_\lambda(x^{(1)}, x^{(2)}), 10^{-6})$,
-    i.e. [`sinkhorn_divergence`][] with its debiasing term computed once for all choices.
+    i.e. [`sinkhorn_divergence`][] with its debiasing term computed once for all choices
+    ([`divergences`][]).
 
     Sample sets are drawn in the default dtype (float64 under `jax_enable_x64`); the Sinkhorn
     iterations run in `ot_dtype` (float32 costs 2 to 4 times less on CPU).
@@ -244,7 +286,6 @@ def study_seed(
     covs = covariances(choices, prior)
     reference = true_posterior(key_post, prior, obs, 2 * divergence_samples)
     x1, x2 = reference[:divergence_samples], reference[divergence_samples:]
-    ot = lambda a, b: float(entropic_ot(a.astype(ot_dtype), b.astype(ot_dtype), reg=reg, max_iter=max_iter, stop=stop))
 
     out = {name: np.empty(len(sigmas)) for name in (*choices, EXACT)}
     for i, sigma in enumerate(sigmas):
@@ -253,19 +294,28 @@ def study_seed(
         key_1, key_2, key_q = jax.random.split(key_i, 3)
         u1, u2 = _noised(key_1, x1, sigma), _noised(key_2, x2, sigma)
         approx = noised_posteriors(key_q, mixture, obs, prior, sigma, covs, divergence_samples, chunk)
-        bias = ot(u1, u2)
+        scores = divergences(u1, u2, approx, reg=reg, max_iter=max_iter, stop=stop, dtype=ot_dtype)
         for name in out:
-            out[name][i] = max(ot(u1, approx[name]) - bias, 1e-6)
+            out[name][i] = scores[name]
         if callback is not None:
             callback()
     return out
 
 
-def summarise(divergences: dict[str, np.ndarray], quantiles: Sequence[float] = (0.25, 0.5, 0.75)) -> dict:
-    r"""Quantiles over seeds: `{name: {"q25": [...], "median": [...], "q75": [...]}}` per $\sigma_t$,
+def summarise(per_seed: dict[str, np.ndarray], quantiles: Sequence[float] = (0.25, 0.5, 0.75)) -> dict:
+    r"""Quantiles over seeds, per $\sigma_t$: `{name: {"q25": [...], "median": [...], "q75": [...]}}`
     from `{name: array (seeds, len(sigmas))}`."""
     label = {0.25: "q25", 0.5: "median", 0.75: "q75"}
     return {
         name: {label.get(q, f"q{round(100 * q)}"): np.quantile(values, q, axis=0).tolist() for q in quantiles}
-        for name, values in divergences.items()
+        for name, values in per_seed.items()
     }
+
+
+def tweedie_advantage(summary: dict, heuristics: Sequence[str]) -> tuple[list[str], list[float]]:
+    r"""Per $\sigma_t$, the heuristic with the lowest median and the ratio of its median to
+    `tweedie`'s (how many times more accurate Tweedie's covariance is; $> 1$ favours Tweedie)."""
+    medians = np.array([summary[name]["median"] for name in heuristics])  # (choices, sigmas)
+    best = np.argmin(medians, axis=0)
+    ratio = medians[best, np.arange(medians.shape[1])] / np.asarray(summary["tweedie"]["median"])
+    return [heuristics[b] for b in best], ratio.tolist()

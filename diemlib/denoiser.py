@@ -96,11 +96,13 @@ def denoising_loss(
     \frac{1}{d} \big\| D_\theta(x_b + \sigma_b z_b, \sigma_b) - x_b \big\|^2,
     \quad t_b \sim \mathrm{Beta}(3, 3), \; \sigma_b = \sigma_{t_b}, \; z_b \sim \mathcal{N}(0, I).$$
 
-    `denoiser` is called with `key=` for its dropout.
+    `denoiser` is called with `key=` for its dropout. $t \sim \mathrm{Beta}(3, 3)$ is drawn as the
+    median of 5 uniforms (the 3rd of 5 order statistics is exactly Beta(3, 3)), which compiles
+    several times faster than `jax.random.beta`.
     """
     key_t, key_z, key_dropout = jax.random.split(key, 3)
     batch = x.shape[0]
-    t = jax.random.beta(key_t, 3.0, 3.0, (batch,), dtype=x.dtype)
+    t = jnp.median(jax.random.uniform(key_t, (batch, 5), dtype=x.dtype), axis=1)
     sigma = schedule(t)
     z = jax.random.normal(key_z, x.shape, dtype=x.dtype)
     x_t = x + sigma.reshape((batch,) + (1,) * (x.ndim - 1)) * z

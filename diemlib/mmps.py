@@ -126,7 +126,7 @@ def posterior_mean(
         residual = solution.stats["residual"]
     else:
         residual = jnp.linalg.norm(b - matvec(v)) / jnp.linalg.norm(b)
-    info = {"residual": residual, "iterations": solution.stats["num_steps"]}
+    info = {"residual": residual, "iterations": solution.stats.get("num_steps", jnp.asarray(0))}
     return x_hat + sigma**2 * vjp(A_T(v)), info
 
 

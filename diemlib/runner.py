@@ -84,6 +84,8 @@ from typing import Any
 
 import yaml
 
+from .checkpoint import atomic_write_json
+
 __all__ = [
     "Parameter",
     "Plan",
@@ -609,8 +611,7 @@ def write_metrics(out_dir, metrics: dict | None = None, **more) -> dict:
     path = Path(out_dir) / "metrics.json"
     data = json.loads(path.read_text()) if path.is_file() else {}
     data.update(_jsonable({**(metrics or {}), **more}))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    atomic_write_json(path, data)
     return data
 
 

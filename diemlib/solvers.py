@@ -79,12 +79,14 @@ class CG(_KrylovSolver):
             step, *_, gamma = carry
             return (step < self.max_steps) & (gamma > self.rtol**2 * b_norm2)
 
-        if self.rtol == 0:
-            carry = jax.lax.fori_loop(0, self.max_steps, lambda _, c: body(c), init)
+        if self.rtol == 0:  # a Python loop: unrolled, no loop-carried copies of the VJP's residuals
+            carry = init
+            for _ in range(self.max_steps):
+                carry = body(carry)
         else:
             carry = jax.lax.while_loop(cond, body, init)
         steps, v, _, _, gamma = carry
-        stats = {"num_steps": steps, "residual": jnp.sqrt(_safe_div(gamma, b_norm2))}
+        stats = {"num_steps": jnp.asarray(steps), "residual": jnp.sqrt(_safe_div(gamma, b_norm2))}
         return v, lx.RESULTS.successful, stats
 
 
@@ -112,19 +114,15 @@ class GMRES(_KrylovSolver):
         basis = jnp.zeros((k + 1, flat.size), flat.dtype).at[0].set(_safe_div(flat, beta))
         hessenberg = jnp.zeros((k + 1, k), flat.dtype)
 
-        def arnoldi(j, carry):
-            basis, hessenberg = carry
+        for j in range(k):  # Arnoldi, unrolled: k is small and static
             w = matvec(basis[j])
-            mask = jnp.arange(k + 1) <= j
             for _ in range(2):  # Gram-Schmidt twice: orthogonal to working precision
-                h = jnp.where(mask, basis @ w, 0)
-                w = w - h @ basis
-                hessenberg = hessenberg.at[:, j].add(h)
+                h = basis[: j + 1] @ w
+                w = w - h @ basis[: j + 1]
+                hessenberg = hessenberg.at[: j + 1, j].add(h)
             norm = jnp.linalg.norm(w)
             hessenberg = hessenberg.at[j + 1, j].set(norm)
-            return basis.at[j + 1].set(_safe_div(w, norm)), hessenberg
-
-        basis, hessenberg = jax.lax.fori_loop(0, k, arnoldi, (basis, hessenberg))
+            basis = basis.at[j + 1].set(_safe_div(w, norm))
         rhs = jnp.zeros(k + 1, flat.dtype).at[0].set(beta)
         y = jnp.linalg.lstsq(hessenberg, rhs)[0]
         residual = _safe_div(jnp.linalg.norm(rhs - hessenberg @ y), beta)

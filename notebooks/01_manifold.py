@@ -83,11 +83,12 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from diemlib import checkpoint, em, operators, solvers
+from diemlib import em, operators, solvers
 from diemlib.denoiser import Denoiser
 from diemlib.manifold import random_manifold, sample_manifold
 from diemlib.networks import MLP
 from diemlib.plots import corner
+from diemlib.runner import write_metrics
 from diemlib.samplers import DDIM, sampler as make_sampler
 from diemlib.schedule import VESchedule
 from diemlib.sinkhorn import sinkhorn_divergence
@@ -230,6 +231,6 @@ summary = {
     "q0_evidence": metrics["q0"]["evidence"],
     "final_evidence": history[-1]["evidence"],
 }
-checkpoint.atomic_write_json(out / "metrics.json", {"summary": summary, **metrics})
+write_metrics(out, summary=summary, **metrics)
 for name, value in summary.items():
     print(f"{name:>16}: {value:.4g}")

@@ -83,31 +83,32 @@ EXACT_SOLVERS = {
 }
 
 
+def _check_posterior_mean(out, x_t, sigma, a, y, var_y):
+    _, mean, cov = _prior()
+    full_var = np.broadcast_to(var_y, y.shape)
+    sigma = np.broadcast_to(sigma, x_t.shape[:1])
+    for b in range(len(x_t)):
+        expected = _exact_posterior_mean(mean, cov, x_t[b], sigma[b], a[b], y[b], full_var[b])
+        np.testing.assert_allclose(out[b], expected, rtol=1e-7, atol=1e-8)
+
+
 @pytest.mark.parametrize("solver_name", list(EXACT_SOLVERS))
 def test_exact_solve_gives_the_analytic_posterior_mean(solver_name):
-    """Random per-sample A (m = 3, d = 5); Sigma_y scalar, shared diagonal, per-sample diagonal;
-    sigma per sample and shared."""
-    denoiser, mean, cov = _prior()
-    batch = 4
-    a, y, x_t, sigma = _problem(batch)
-    variances = [np.asarray(0.1), np.array([0.05, 0.2, 1.0]), np.random.default_rng(2).uniform(0.05, 1.0, (batch, M))]
+    """Random per-sample A (m = 3, d = 5), per-sample diagonal Sigma_y and per-sample sigma."""
+    denoiser, _, _ = _prior()
+    a, y, x_t, sigma = _problem(4)
+    var_y = np.random.default_rng(2).uniform(0.05, 1.0, (4, M))
+    out, info = _with_info(_mmps(denoiser, a, y, var_y, solver=EXACT_SOLVERS[solver_name]), x_t, sigma)
+    _check_posterior_mean(np.asarray(out), x_t, sigma, a, y, var_y)
+    assert np.all(np.asarray(info["residual"]) < 1e-8), info["residual"]
 
-    @eqx.filter_jit
-    def run(x_t, sigma):
-        outs = []
-        for var_y in variances:
-            mmps = _mmps(denoiser, a, y, var_y, solver=EXACT_SOLVERS[solver_name])
-            outs += [mmps(x_t, sigma), mmps(x_t, 0.7)]
-        return outs
 
-    outs = iter(np.asarray(o) for o in run(jnp.asarray(x_t), jnp.asarray(sigma)))
-    for var_y in variances:
-        full_var = np.broadcast_to(var_y, (batch, M))
-        for s in (sigma, np.full(batch, 0.7)):
-            out = next(outs)
-            for b in range(batch):
-                expected = _exact_posterior_mean(mean, cov, x_t[b], s[b], a[b], y[b], full_var[b])
-                np.testing.assert_allclose(out[b], expected, rtol=1e-7, atol=1e-8)
+@pytest.mark.parametrize("var_y", [0.1, (0.05, 0.2, 1.0)], ids=["scalar", "shared_diagonal"])
+def test_exact_solve_with_shared_noise_and_scalar_sigma(var_y):
+    denoiser, _, _ = _prior()
+    a, y, x_t, _ = _problem(4)
+    out = _call(_mmps(denoiser, a, y, np.asarray(var_y), solver=CG(M)), x_t, 0.7)
+    _check_posterior_mean(out, x_t, 0.7, a, y, np.asarray(var_y))
 
 
 def test_posterior_sampling_reproduces_the_gaussian_posterior():
@@ -133,46 +134,59 @@ def test_posterior_sampling_reproduces_the_gaussian_posterior():
 def test_prior_covariance_equals_tweedie_for_the_gaussian_denoiser(scope):
     denoiser, mean, cov = _prior()
     a, y, x_t, sigma = _problem(4)
-    for k in (1, M):  # also an inexact solve: the two operators M are the same matrix
-        tweedie = _call(_mmps(denoiser, a, y, 0.1, cov=covariance("tweedie"), solver=CG(k), scope=scope), x_t, sigma)
-        prior = _mmps(denoiser, a, y, 0.1, cov=covariance("prior", denoiser.cov), solver=CG(k), scope=scope)
-        np.testing.assert_allclose(_call(prior, x_t, sigma), tweedie, rtol=1e-10, atol=1e-11)
+
+    @eqx.filter_jit
+    def both(x_t, sigma):
+        out = []
+        for k in (1, M):  # also an inexact solve: the two operators M are the same matrix
+            for choice in (covariance("tweedie"), covariance("prior", denoiser.cov)):
+                out.append(_mmps(denoiser, a, y, 0.1, cov=choice, solver=CG(k), scope=scope)(x_t, sigma))
+        return out
+
+    tweedie_1, prior_1, tweedie_m, prior_m = map(np.asarray, both(jnp.asarray(x_t), jnp.asarray(sigma)))
+    np.testing.assert_allclose(prior_1, tweedie_1, rtol=1e-10, atol=1e-11)
+    np.testing.assert_allclose(prior_m, tweedie_m, rtol=1e-10, atol=1e-11)
+    assert np.max(np.abs(tweedie_1 - tweedie_m)) > 1e-4  # the inexact solve is a different check
 
 
-@pytest.mark.parametrize("name", ["zero", "sigma", "sigma_over_1p"])
-def test_heuristic_covariances_match_their_closed_forms(name):
+def test_heuristic_covariances_match_their_closed_forms():
     """Only V inside the solve changes; the final direction keeps the denoiser's J^T:
-    x_hat + s^2 J^T A^T (Sigma_y + A V A^T)^-1 (y - A x_hat)."""
+    x_hat + s^2 J^T A^T (Sigma_y + A V A^T)^-1 (y - A x_hat), V = 0, s^2 I, s^2 / (1 + s^2) I."""
     denoiser, mean, cov = _prior()
     batch = 4
     a, y, x_t, sigma = _problem(batch)
     var_y = np.array([0.05, 0.2, 1.0])
-    out = _call(_mmps(denoiser, a, y, var_y, cov=covariance(name), solver=CG(M)), x_t, sigma)
-    for b in range(batch):
-        s = sigma[b]
-        v_cov = {"zero": 0.0, "sigma": s**2, "sigma_over_1p": s**2 / (1 + s**2)}[name] * np.eye(D)
-        mat, rhs, x_hat, jac = _system(mean, cov, x_t[b], s, a[b], y[b], var_y, v_cov)
-        expected = x_hat + s**2 * jac.T @ a[b].T @ np.linalg.solve(mat, rhs)
-        if name == "zero":  # the DPS-like form
-            np.testing.assert_allclose(expected, x_hat + s**2 * jac.T @ a[b].T @ ((y[b] - a[b] @ x_hat) / var_y))
-        np.testing.assert_allclose(out[b], expected, rtol=1e-9, atol=1e-10)
+    names = ("zero", "sigma", "sigma_over_1p")
+    outs = eqx.filter_jit(
+        lambda x_t, sigma: [_mmps(denoiser, a, y, var_y, cov=covariance(n), solver=CG(M))(x_t, sigma) for n in names]
+    )(jnp.asarray(x_t), jnp.asarray(sigma))
+    for name, out in zip(names, outs):
+        for b in range(batch):
+            s = sigma[b]
+            v_cov = {"zero": 0.0, "sigma": s**2, "sigma_over_1p": s**2 / (1 + s**2)}[name] * np.eye(D)
+            mat, rhs, x_hat, jac = _system(mean, cov, x_t[b], s, a[b], y[b], var_y, v_cov)
+            expected = x_hat + s**2 * jac.T @ a[b].T @ np.linalg.solve(mat, rhs)
+            if name == "zero":  # the DPS-like form
+                dps = x_hat + s**2 * jac.T @ a[b].T @ ((y[b] - a[b] @ x_hat) / var_y)
+                np.testing.assert_allclose(expected, dps, rtol=1e-12)
+            np.testing.assert_allclose(out[b], expected, rtol=1e-9, atol=1e-10)
 
 
 def test_per_sample_scope_does_not_depend_on_the_batch():
     denoiser, _, _ = _prior()
-    a, y, x_t, sigma = _problem(6)
-    var_y = np.random.default_rng(4).uniform(0.05, 1.0, (6, M))
+    a, y, x_t, sigma = _problem(9)
+    var_y = np.random.default_rng(4).uniform(0.05, 1.0, (9, M))
 
     def run(index, scope):
         mmps = _mmps(denoiser, a[index], y[index], var_y[index], solver=CG(2), scope=scope)
         return _call(mmps, x_t[index], sigma[index])
 
     full = run(np.arange(6), "sample")
-    for index in (np.array([0, 2, 4]), np.array([5, 3, 1, 0, 2, 4])):
+    for index in (np.array([0, 2, 4]), np.array([5, 3, 1, 0, 2, 4])):  # a sub-batch, a permutation
         np.testing.assert_allclose(run(index, "sample"), full[index], rtol=1e-13, atol=1e-14)
     # The reference's batch scope shares alpha_k, beta_k: the same rows change with the batch.
-    full_batch, sub_batch = run(np.arange(6), "batch"), run(np.array([0, 2, 4]), "batch")
-    assert np.max(np.abs(sub_batch - full_batch[[0, 2, 4]])) > 1e-6
+    full_batch, other_batch = run(np.arange(6), "batch"), run(np.array([0, 6, 2, 7, 4, 8]), "batch")
+    assert np.max(np.abs(other_batch[[0, 2, 4]] - full_batch[[0, 2, 4]])) > 1e-6
 
 
 def _batch_problem(batch=4, seed=5):
@@ -186,19 +200,21 @@ def _batch_problem(batch=4, seed=5):
     return denoiser, a, y, x_t, sigma, var_y, big, np.concatenate(rhs), x_hats, jacs
 
 
-@pytest.mark.parametrize("k", [1, 2, 3])
-def test_batch_scope_equals_jax_scipy_cg_on_the_stacked_system(k):
+def test_batch_scope_equals_jax_scipy_cg_on_the_stacked_system():
     denoiser, a, y, x_t, sigma, var_y, big, rhs, x_hats, jacs = _batch_problem()
-    batch = len(sigma)
+    batch, ks = len(sigma), (1, 2, 3)
+    outs = eqx.filter_jit(
+        lambda x_t, sigma: [_mmps(denoiser, a, y, var_y, solver=CG(k), scope="batch")(x_t, sigma) for k in ks]
+    )(jnp.asarray(x_t), jnp.asarray(sigma))
     big_j = jnp.asarray(big)
-    v = jax.scipy.sparse.linalg.cg(lambda u: big_j @ u, jnp.asarray(rhs), x0=jnp.zeros_like(rhs), tol=0.0,
-                                   atol=0.0, maxiter=k)[0]
-    v = np.asarray(v).reshape(batch, M)
-    if k == 1:  # the reference's one iteration: v = <b, b> / <b, M b> b, sums over the batch
-        np.testing.assert_allclose(v.reshape(-1), rhs @ rhs / (rhs @ big @ rhs) * rhs, rtol=1e-12)
-    expected = np.stack([x_hats[b] + sigma[b] ** 2 * jacs[b].T @ a[b].T @ v[b] for b in range(batch)])
-    out = _call(_mmps(denoiser, a, y, var_y, solver=CG(k), scope="batch"), x_t, sigma)
-    np.testing.assert_allclose(out, expected, rtol=1e-10, atol=1e-11)
+    for k, out in zip(ks, outs):
+        v = jax.scipy.sparse.linalg.cg(lambda u: big_j @ u, jnp.asarray(rhs), x0=jnp.zeros_like(rhs), tol=0.0,
+                                       atol=0.0, maxiter=k)[0]
+        v = np.asarray(v).reshape(batch, M)
+        if k == 1:  # the reference's one iteration: v = <b, b> / <b, M b> b, sums over the batch
+            np.testing.assert_allclose(v.reshape(-1), rhs @ rhs / (rhs @ big @ rhs) * rhs, rtol=1e-12)
+        expected = np.stack([x_hats[b] + sigma[b] ** 2 * jacs[b].T @ a[b].T @ v[b] for b in range(batch)])
+        np.testing.assert_allclose(out, expected, rtol=1e-10, atol=1e-11)
 
 
 def _recover_v(out, x_hat, jac, s, a):

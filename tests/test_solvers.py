@@ -45,15 +45,20 @@ def _krylov_min_residual(matrix, b, k):
     return basis @ coef
 
 
-@pytest.mark.parametrize("k", [1, 2, 3, 4])
-def test_cg_equals_k_steps_of_textbook_cg_from_zero(k):
+def _solve_each_k(matrix, b, make, ks, tags=()):
+    """One compiled function for several iteration counts."""
+    return jax.jit(lambda m, v: [_solve(m, v, make(k), tags) for k in ks])(jnp.asarray(matrix), jnp.asarray(b))
+
+
+def test_cg_equals_k_steps_of_textbook_cg_from_zero():
     matrix, b = _spd()
-    solution = _solve(matrix, b, CG(k), lx.positive_semidefinite_tag)
-    expected = _textbook_cg(matrix, b, k)
-    np.testing.assert_allclose(solution.value, expected, rtol=1e-9, atol=1e-11)
-    assert int(solution.stats["num_steps"]) == k
-    true_residual = np.linalg.norm(b - matrix @ expected) / np.linalg.norm(b)
-    np.testing.assert_allclose(solution.stats["residual"], true_residual, rtol=1e-6)
+    ks = (1, 2, 3, 4)
+    for k, solution in zip(ks, _solve_each_k(matrix, b, CG, ks, lx.positive_semidefinite_tag)):
+        expected = _textbook_cg(matrix, b, k)
+        np.testing.assert_allclose(solution.value, expected, rtol=1e-9, atol=1e-11)
+        assert int(solution.stats["num_steps"]) == k
+        true_residual = np.linalg.norm(b - matrix @ expected) / np.linalg.norm(b)
+        np.testing.assert_allclose(solution.stats["residual"], true_residual, rtol=1e-6)
 
 
 def test_cg_solves_an_spd_system_exactly_in_n_steps():
@@ -72,15 +77,15 @@ def test_cg_with_tolerance_stops_when_the_residual_is_small():
     np.testing.assert_allclose(solution.value, _textbook_cg(matrix, b, steps), rtol=1e-8, atol=1e-10)
 
 
-@pytest.mark.parametrize("k", [1, 2, 3, 4])
-def test_gmres_is_the_minimal_residual_solution_over_the_krylov_space(k):
+def test_gmres_is_the_minimal_residual_solution_over_the_krylov_space():
     matrix, b = _nonsymmetric()
-    solution = _solve(matrix, b, GMRES(k))
-    expected = _krylov_min_residual(matrix, b, k)
-    np.testing.assert_allclose(solution.value, expected, rtol=1e-8, atol=1e-10)
-    assert int(solution.stats["num_steps"]) == k
-    true_residual = np.linalg.norm(b - matrix @ expected) / np.linalg.norm(b)
-    np.testing.assert_allclose(solution.stats["residual"], true_residual, rtol=1e-8)
+    ks = (1, 2, 3, 4)
+    for k, solution in zip(ks, _solve_each_k(matrix, b, GMRES, ks)):
+        expected = _krylov_min_residual(matrix, b, k)
+        np.testing.assert_allclose(solution.value, expected, rtol=1e-8, atol=1e-10)
+        assert int(solution.stats["num_steps"]) == k
+        true_residual = np.linalg.norm(b - matrix @ expected) / np.linalg.norm(b)
+        np.testing.assert_allclose(solution.stats["residual"], true_residual, rtol=1e-8)
 
 
 def test_gmres_solves_a_nonsymmetric_system_exactly_in_n_steps():
@@ -108,7 +113,7 @@ def test_cg_and_gmres_on_a_pytree_vector():
 
 
 @pytest.mark.parametrize("make", [CG, GMRES])
-@pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.parametrize("k", [1, 4])
 def test_k_iterations_cost_exactly_k_operator_products(make, k):
     """A debug callback in the operator's mv fires once per executed product (also inside the
     compiled loop): starting from zero costs no product for the initial residual."""

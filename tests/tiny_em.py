@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,13 +49,13 @@ def problem(seed: int = 0) -> dict:
     return {"x": x, "A": A, "y": y, "model": model}
 
 
-def run(run_dir, prob: dict, *, laps: int, key: int = 1, mstep: em.MStep = MSTEP,
+def run(run_dir, prob: dict, *, laps: int, key: int = 1, estep: em.EStep = ESTEP, mstep: em.MStep = MSTEP,
         config: dict | None = None, log=lambda line: None, **kwargs) -> dict:
     """[`em.diem`][] on `prob` in `run_dir` (q0: 2 iterations, full rank)."""
     return em.diem(
         run_dir, jax.random.key(key), model=prob["model"], A=prob["A"], y=prob["y"], var_y=VAR_Y,
         event_shape=(D,), schedule=SCHEDULE, gaussian_estep=GAUSSIAN_ESTEP, gaussian_rank=D,
-        gaussian_iterations=2, estep=ESTEP, mstep=mstep, laps=laps,
+        gaussian_iterations=2, estep=estep, mstep=mstep, laps=laps,
         config={"seed": 0} if config is None else config, log=log, **kwargs,
     )
 
@@ -71,25 +72,35 @@ def without_times(tree):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
-    parser.add_argument("--laps", type=int, default=2)
+    parser.add_argument("--laps", type=int, default=1)
+    parser.add_argument("--solver", default="cg", help="the E-step's MMPS solver: cg or gmres")
     args = parser.parse_args()
+    out = Path(args.out_dir)
     prob = problem()
-    metrics = run(args.out_dir, prob, laps=args.laps)
-    samples_like = jnp.zeros((N, D), prob["y"].dtype)
-    samples, meta = checkpoint.load(Path(args.out_dir) / "estep.eqx", samples_like)
-    (model, mean), _ = checkpoint.load(Path(args.out_dir) / "state.eqx", (prob["model"], jnp.zeros(D, prob["y"].dtype)))
-    (q0_mean, q0_cov), _ = checkpoint.load(Path(args.out_dir) / "q0.eqx", (prob["y"][0], em.DPLR(prob["y"][0], jnp.zeros((D, D), prob["y"].dtype))))
-    weights = np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(model) if hasattr(leaf, "shape")])
+    zeros = lambda *shape: jnp.zeros(shape, prob["y"].dtype)
+    estep = eqx.tree_at(lambda e: e.solver, ESTEP, solvers.solver(args.solver, 3))
+    metrics = run(out, prob, laps=args.laps, estep=estep)
+    samples, meta = checkpoint.load(out / "estep.eqx", zeros(N, D))
+    (model, mean), _ = checkpoint.load(out / "state.eqx", (prob["model"], zeros(D)))
+    (q0_mean, q0_cov), _ = checkpoint.load(out / "q0.eqx", (zeros(D), em.DPLR(zeros(D), zeros(D, D))))
+    weights = np.concatenate([np.ravel(w) for w in jax.tree.leaves(eqx.filter(model, eqx.is_array))])
+    # An E-step with a network prior: the fresh (untrained) model, the same in every process.
+    gmres = eqx.tree_at(lambda e: e.solver, ESTEP, solvers.GMRES(3))
+    network_samples, _ = em.posterior_samples(
+        jax.random.key(2), prob["model"], prob["A"], prob["y"], VAR_Y, gmres, event_shape=(D,)
+    )
+    as_list = lambda a: np.asarray(a).tolist()
     print(json.dumps({
         "device_count": jax.device_count(),
         "dtype": str(prob["y"].dtype),
         "metrics": without_times(metrics),
         "samples_lap": meta["lap"],
-        "samples": np.asarray(samples).tolist(),
-        "mean": np.asarray(mean).tolist(),
-        "q0_mean": np.asarray(q0_mean).tolist(),
-        "q0_cov": np.asarray(q0_cov.dense()).tolist(),
-        "weights": weights.tolist(),
+        "q0_mean": as_list(q0_mean),
+        "q0_cov": as_list(q0_cov.dense()),
+        "samples": as_list(samples),
+        "mean": as_list(mean),
+        "weights": as_list(weights),
+        "network_samples": as_list(network_samples),
     }))
 
 
