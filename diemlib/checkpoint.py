@@ -29,6 +29,9 @@ def _atomic_open(path: str | os.PathLike):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # as an ordinary open() would: mkstemp makes 0600
     try:
         with os.fdopen(fd, "wb") as f:
             yield f

@@ -129,7 +129,7 @@ def posterior_samples(
     index = jnp.repeat(jnp.arange(y.shape[0]), repeats)
     total, size = index.size, estep.batch_size
     batches = math.ceil(total / size)
-    index = jnp.concatenate([index, index[: batches * size - total]])  # pad the last batch
+    index = jnp.resize(index, batches * size)  # pad the last batch (cyclically: any N)
     samples, infos = [], []
     for b in range(batches):
         rows = index[b * size : (b + 1) * size]
@@ -227,6 +227,7 @@ _EXTENDABLE = ("laps",)
 
 def _check_config(run_dir: Path, config: dict, overwrite: bool) -> None:
     path = run_dir / "config.json"
+    config = json.loads(json.dumps(config))  # compare what config.json will hold (tuples -> lists)
     if path.exists():
         old = json.loads(path.read_text())
         differ = sorted(k for k in set(old) | set(config) if k not in _EXTENDABLE and old.get(k) != config.get(k))
@@ -314,8 +315,8 @@ def diem(
         metrics["q0"] = {"iterations": history, "time": time.perf_counter() - start}
         if evaluate is not None:
             metrics["q0"].update(evaluate(-1, GaussianDenoiser(q0_mean, q0_cov), q0_mean))  # lap -1: q0
+        checkpoint.atomic_write_json(metrics_path, metrics)  # first: q0.eqx marks q0 as done
         checkpoint.save(run_dir / "q0.eqx", (q0_mean, q0_cov), metadata={})
-        checkpoint.atomic_write_json(metrics_path, metrics)
 
     # The state after lap k: the model lap k + 1 starts from and samples with, and the mean of
     # lap k's samples. Before lap 0 the prior is q0 itself.
@@ -350,7 +351,8 @@ def diem(
         try:
             model, losses = maximize(jax.random.fold_in(lap_key, 1), model, samples, mstep, step_fn)
         except FloatingPointError as error:
-            raise FloatingPointError(f"lap {lap}: {error}; the checkpoints of lap {lap - 1} are intact") from error
+            last = f"lap {lap - 1}" if lap > 0 else "q0"
+            raise FloatingPointError(f"lap {lap}: {error}; the checkpoints of {last} are intact") from error
         mean = jnp.mean(samples, axis=0)
         mstep_time = time.perf_counter() - start
 
@@ -366,8 +368,8 @@ def diem(
         if evaluate is not None:
             lap_metrics.update(evaluate(lap, model, mean))
         metrics["laps"].append(lap_metrics)
+        checkpoint.atomic_write_json(metrics_path, metrics)  # first: state.eqx marks the lap as done
         checkpoint.save(run_dir / "state.eqx", (model, mean), metadata={"lap": lap})
-        checkpoint.atomic_write_json(metrics_path, metrics)
         log(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in lap_metrics.items()))
     return metrics
 

@@ -6,7 +6,6 @@ moments; partially observed: it recovers the true covariance). `diem` runs on th
 M-step, and at the notebook's `ci` profile after a real SIGKILL) to the result of an uninterrupted
 run, refuses a directory holding a run with other parameters, reports a non-finite loss without
 touching the last checkpoint, and gives the same numbers on one or two (simulated) devices.
-Tests marked `xfail(strict=True)` pin known bugs of em.py: remove the mark with the fix.
 """
 
 import json
@@ -132,7 +131,6 @@ def test_posterior_samples_rows(batch_size):
     assert bool(jnp.all(jnp.abs(pairs[:, 0, 2] - pairs[:, 1, 2]) > 1e-6))
 
 
-@pytest.mark.xfail(strict=True, reason="em.py bug: the padding of the last batch is at most N*S rows")
 def test_posterior_samples_every_batch_is_full():
     """Every batch has `batch_size` rows (a multiple of the device count), even when N * S is
     less than half a batch: N = 3, batch 8 gives a batch of 6 rows, which does not split over
@@ -243,7 +241,6 @@ def test_diem_resume_after_interrupted_mstep(prob, fresh3, tmp_path, monkeypatch
     assert (run_dir / "state.eqx").read_bytes() == fresh3["files"][Path("state.eqx")]
 
 
-@pytest.mark.xfail(strict=True, reason="em.py bug: state.eqx is saved before metrics.json")
 def test_diem_killed_between_checkpoint_and_metrics(prob, fresh3, tmp_path, monkeypatch):
     """A kill after lap 1's `state.eqx` is saved but before `metrics.json` is written: the
     resumed run starts at lap 2 and lap 1's metrics are lost for good (laps [0, 2]). Same for
@@ -292,7 +289,6 @@ def test_diem_config_conflict(prob, fresh3, tmp_path):
     assert header(run_dir / "estep.eqx")["lap"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason="em.py bug: config compared before its JSON round trip")
 def test_diem_config_with_tuple_resumes(tmp_path):
     """A config holding a tuple (a notebook parameter `shape = (32, 32)`) conflicts with itself:
     config.json holds a list. Fix: in `_check_config`, `config = json.loads(json.dumps(config))`
