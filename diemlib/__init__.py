@@ -12,6 +12,17 @@ One concept per module, named as in the paper:
 - `operators`: observation operators A and their mask generators.
 """
 
+import os
+
+# XLA's CPU "concurrency-optimized" scheduler deadlocks (every thread idle, no progress) on some
+# of our programs: GMRES inside the predictor-corrector scan at batch >= 2048, jaxlib 0.10.2.
+# The default scheduler does not. The flag must be set before JAX starts its CPU backend, i.e.
+# before the first computation; it does nothing on GPUs.
+_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+if "xla_cpu_enable_concurrency_optimized_scheduler" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_SCHEDULER_FLAG}".strip()
+
+
 from .denoiser import Denoiser, denoising_loss, noise_embedding, preconditioning
 from .gaussian import DPLR, GaussianDenoiser
 from .mmps import MMPS, covariance

@@ -51,6 +51,9 @@ class EStep(eqx.Module):
     - `scope`: `"sample"` (per-sample solves) or `"batch"` (the reference's global CG).
     - `batch_size`: observations per batch (a multiple of the number of devices).
     - `samples_per_observation`: posterior samples per observation (fastMRI: 2).
+    - `bound`: if set, samples outside $(-\text{bound}, \text{bound})^d$ are discarded (the
+      reference does so for the manifold with 3): each is replaced by a valid sample drawn at
+      random, so the M-step, which draws its batches with replacement, sees the valid ones only.
     """
 
     sampler: Sampler
@@ -59,6 +62,7 @@ class EStep(eqx.Module):
     scope: Literal["sample", "batch"] = eqx.field(static=True, default="sample")
     batch_size: int = eqx.field(static=True, default=1024)
     samples_per_observation: int = eqx.field(static=True, default=1)
+    bound: float | None = eqx.field(static=True, default=None)
 
 
 class MStep(eqx.Module):
@@ -142,7 +146,24 @@ def posterior_samples(
         if progress is not None:
             progress(f"E-step batch {b + 1}/{batches}")
     info = {name: float(jnp.mean(jnp.stack([i[name] for i in infos]))) for name in infos[0]}
-    return jnp.concatenate(samples)[:total], info
+    samples = jnp.concatenate(samples)[:total]
+    if estep.bound is not None:
+        samples, info["discarded"] = discard_outside(jax.random.fold_in(key, batches), samples, estep.bound)
+    return samples, info
+
+
+def discard_outside(key: PRNGKeyArray, samples: Array, bound: float) -> tuple[Array, float]:
+    """Replaces the samples outside $(-\text{bound}, \text{bound})^d$ by valid ones drawn at random.
+
+    **Returns:** the samples and the fraction replaced.
+    """
+    flat = samples.reshape(samples.shape[0], -1)
+    valid = jnp.all(jnp.abs(flat) < bound, axis=1)
+    if not jnp.any(valid):
+        raise FloatingPointError(f"every posterior sample lies outside (-{bound}, {bound})^d")
+    donors = jax.random.choice(key, samples.shape[0], (samples.shape[0],), p=valid / jnp.sum(valid))
+    kept = jnp.where(valid.reshape((-1,) + (1,) * (samples.ndim - 1)), samples, samples[donors])
+    return kept, float(1 - jnp.mean(valid))
 
 
 def fit_gaussian(
@@ -360,8 +381,7 @@ def diem(
         lap_metrics = {
             "lap": lap,
             "loss": float(jnp.mean(tail)),
-            "residual": info["residual"],
-            "iterations": info["iterations"],
+            **info,  # E-step diagnostics: residual, iterations (and discarded)
             "estep_time": estep_time,
             "mstep_time": mstep_time,
         }

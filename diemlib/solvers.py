@@ -123,11 +123,30 @@ class GMRES(_KrylovSolver):
             norm = jnp.linalg.norm(w)
             hessenberg = hessenberg.at[j + 1, j].set(norm)
             basis = basis.at[j + 1].set(_safe_div(w, norm))
-        rhs = jnp.zeros(k + 1, flat.dtype).at[0].set(beta)
-        y = jnp.linalg.lstsq(hessenberg, rhs)[0]
-        residual = _safe_div(jnp.linalg.norm(rhs - hessenberg @ y), beta)
-        stats = {"num_steps": jnp.asarray(k), "residual": residual}
+        y, residual = _hessenberg_least_squares(hessenberg, beta)
+        stats = {"num_steps": jnp.asarray(k), "residual": _safe_div(residual, beta)}
         return unravel(y @ basis[:k]), lx.RESULTS.successful, stats
+
+
+def _hessenberg_least_squares(h, beta):
+    r"""$\arg\min_y \|\beta e_1 - H y\|$ and its residual, for an upper Hessenberg $(k + 1) \times k$ $H$.
+
+    Givens rotations make $H$ upper triangular, then back substitution: a few scalar operations
+    per sample instead of a batched SVD. A zero pivot (a happy breakdown) gives a zero coefficient.
+    """
+    k = h.shape[1]
+    g = jnp.zeros(k + 1, h.dtype).at[0].set(beta)
+    for j in range(k):
+        a, b = h[j, j], h[j + 1, j]
+        r = jnp.hypot(a, b)
+        c, s = jnp.where(r > 0, a / jnp.where(r > 0, r, 1), 1.0), _safe_div(b, r)
+        rows = jnp.stack([c * h[j] + s * h[j + 1], -s * h[j] + c * h[j + 1]])
+        h = h.at[j : j + 2].set(rows)
+        g = g.at[j : j + 2].set(jnp.stack([c * g[j] + s * g[j + 1], -s * g[j] + c * g[j + 1]]))
+    y = jnp.zeros(k, h.dtype)
+    for i in reversed(range(k)):
+        y = y.at[i].set(_safe_div(g[i] - h[i, i + 1 : k] @ y[i + 1 :], h[i, i]))
+    return y, jnp.abs(g[k])
 
 
 def solver(name: str, max_steps: int, rtol: float = 0.0) -> lx.AbstractLinearSolver:

@@ -171,6 +171,18 @@ def fresh3(prob, tmp_path_factory):
     return {"dir": run_dir, "metrics": metrics, "log": log, "files": snapshot(run_dir)}
 
 
+def test_discard_outside_replaces_outliers_by_valid_samples():
+    x = jnp.array([[0.0, 1.0], [5.0, 0.0], [-1.0, -2.0], [0.0, -3.5], [2.9, 2.9]])
+    kept, fraction = em.discard_outside(jax.random.key(0), x, 3.0)
+    assert fraction == pytest.approx(2 / 5)
+    valid = np.array([0, 2, 4])
+    np.testing.assert_array_equal(kept[valid], x[valid])
+    for row in np.asarray(kept[np.array([1, 3])]):  # outliers became copies of valid rows
+        assert any(np.array_equal(row, x[v]) for v in valid)
+    with pytest.raises(FloatingPointError, match="outside"):
+        em.discard_outside(jax.random.key(0), 10 + x, 3.0)
+
+
 def test_diem_fresh_run_layout(fresh3):
     metrics, run_dir = fresh3["metrics"], fresh3["dir"]
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(FILES)
