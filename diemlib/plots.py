@@ -1,6 +1,7 @@
 """Figures shared by the notebooks (matplotlib only; every function returns its figure)."""
 
 import matplotlib.pyplot as plt
+from matplotlib.colors import PowerNorm
 import numpy as np
 
 
@@ -16,7 +17,8 @@ def corner(
     """Corner plot: 1-D histograms on the diagonal, 2-D histograms below it (paper Fig. 3).
 
     `reference` (e.g. the ground truth) is drawn above the diagonal, mirrored, and as a line on
-    the diagonal, so the two distributions can be compared panel by panel.
+    the diagonal, so the two distributions can be compared panel by panel. Densities are shown
+    on a square-root colour scale, so that thin manifolds stay visible.
     """
     samples = np.asarray(samples)
     d = samples.shape[1]
@@ -31,9 +33,10 @@ def corner(
                 if reference is not None:
                     ax.hist(np.asarray(reference)[:, i], edges, density=True, histtype="step", color="k")
             elif i > j:
-                ax.hist2d(samples[:, j], samples[:, i], [edges, edges], cmap="Blues")
+                ax.hist2d(samples[:, j], samples[:, i], [edges, edges], cmap="Blues", norm=PowerNorm(0.5))
             elif reference is not None:
-                ax.hist2d(np.asarray(reference)[:, j], np.asarray(reference)[:, i], [edges, edges], cmap="Greys")
+                ref = np.asarray(reference)
+                ax.hist2d(ref[:, j], ref[:, i], [edges, edges], cmap="Greys", norm=PowerNorm(0.5))
             else:
                 ax.axis("off")
     if title:
