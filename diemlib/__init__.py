@@ -10,6 +10,16 @@ One concept per module, named as in the paper:
 - `solvers`: CG and GMRES from zero, as lineax solvers.
 - `mmps`: the moment-matching posterior denoiser and the covariance choices.
 - `operators`: observation operators A and their mask generators.
+- `networks`: the manifold MLP and the image U-Net of the reference.
+- `training`: the jitted Adam step, EMA and a resumable `fit`.
+- `checkpoint`: equinox serialisation without pickle, atomic writes.
+- `em`: the DiEM driver (Gaussian q_0, E-step, M-step, laps, resume).
+- `sharding`: data parallelism over all devices.
+- `manifold`, `mixture`: the latent manifold and the Gaussian-mixture priors of notebooks 01-02.
+- `covariance_study`: the machinery of notebook 02 (paper §4.2).
+- `sinkhorn`: the reference's debiased Sinkhorn number.
+- `plots`: figures shared by the notebooks.
+- `runner`: `diem-run`, the headless notebook runner.
 """
 
 import os
