@@ -122,8 +122,10 @@ def posterior_samples(
 ) -> tuple[Array, dict]:
     r"""The E-step: `samples_per_observation` samples $x \sim q(x \mid y_i, A_i)$ for every $i$.
 
-    Observations are processed `estep.batch_size` at a time (the last batch is padded), each
-    batch sharded over all devices; batch $b$ uses the key `fold_in(key, b)`.
+    Observations are processed `estep.batch_size` at a time, each batch sharded over all devices;
+    batch $b$ uses the key `fold_in(key, b)`. The last batch is padded with repeated observations
+    (dropped from the samples, counted in the averaged diagnostics); with `scope="batch"` the
+    padding rows also enter that batch's shared CG coefficients.
 
     **Returns:** samples of shape `(N * samples_per_observation, *event_shape)` (the samples of
     observation $i$ are rows $iS, \dots, iS + S - 1$) and the solver diagnostics averaged over

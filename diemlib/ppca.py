@@ -40,7 +40,8 @@ def top_eigenpairs(
         values, vectors = values[::-1][:rank], vectors[:, ::-1][:, :rank]
     if gram:
         vectors = x.T @ vectors
-        vectors = vectors / jnp.linalg.norm(vectors, axis=0)
+        norms = jnp.linalg.norm(vectors, axis=0)  # 0 for a null direction of the centred data
+        vectors = vectors / jnp.where(norms > 0, norms, 1)
     return values, vectors
 
 
@@ -60,6 +61,8 @@ def ppca(
     mean = jnp.mean(x, axis=0)
     centred = (x - mean).reshape(n, -1)
     d = centred.shape[1]
+    if rank > min(n, d):
+        raise ValueError(f"PPCA rank {rank} exceeds min(samples, dimension) = {min(n, d)}")
     values, vectors = top_eigenpairs(centred, rank, key)
     trace = jnp.sum(centred**2) / n
     diagonal = (trace - jnp.sum(values)) / (d - rank) if rank < d else jnp.asarray(1e-6, x.dtype)

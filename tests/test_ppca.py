@@ -108,3 +108,9 @@ def test_ppca_full_rank_uses_tiny_diagonal_and_returns_the_sample_covariance(lob
     np.testing.assert_allclose(fit_cov.diagonal, 1e-6, rtol=0)
     # D I + Q diag(L - D) Q^T = C exactly when r = d.
     np.testing.assert_allclose(fit_cov.dense(), sample_cov, rtol=1e-10, atol=1e-12)
+
+
+def test_ppca_rank_above_the_data_raises():
+    x = jax.random.normal(jax.random.key(0), (4, 10))
+    with pytest.raises(ValueError, match="rank 5 exceeds"):
+        ppca(x, 5)
