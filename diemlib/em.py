@@ -32,6 +32,7 @@ from . import checkpoint
 from .denoiser import denoising_loss
 from .gaussian import DPLR, GaussianDenoiser
 from .mmps import MMPS, covariance
+from .operators import apply
 from .ppca import ppca
 from .samplers import Sampler
 from .schedule import VESchedule
@@ -398,7 +399,7 @@ def diem(
 
 def simulate_observations(key: PRNGKeyArray, A, x: Array, var_y) -> Array:
     r"""$y = A_i x_i + \eta_i$, $\eta_i \sim \mathcal{N}(0, \Sigma_y)$, for a batch of operators and latents."""
-    y = jax.vmap(lambda a, xi: a(xi))(A, x)
+    y = apply(A, x)
     return y + jnp.sqrt(jnp.asarray(var_y, y.dtype)) * jax.random.normal(key, y.shape, y.dtype)
 
 

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
+from .denoiser import broadcast_sigma
+
 
 class DPLR(eqx.Module):
     r"""A $d \times d$ matrix $\operatorname{diag}(D) + U V$.
@@ -92,7 +94,7 @@ class GaussianDenoiser(eqx.Module):
 
     def __call__(self, x_t: Float[Array, "B ..."], sigma: ArrayLike) -> Float[Array, "B ..."]:
         batch = x_t.shape[0]
-        sigma2 = jnp.broadcast_to(jnp.asarray(sigma, x_t.dtype) ** 2, (batch,))
+        sigma2 = broadcast_sigma(sigma, batch).astype(x_t.dtype) ** 2
         residual = (x_t - self.mean).reshape(batch, -1)
         correction = jax.vmap(lambda s2, r: s2 * (self.cov + s2).solve(r))(sigma2, residual)
         return x_t - correction.reshape(x_t.shape)

@@ -21,8 +21,9 @@ import jax.numpy as jnp
 import lineax as lx
 from jaxtyping import Array, ArrayLike, Float
 
+from .denoiser import broadcast_sigma
 from .gaussian import DPLR
-from .operators import LinearOperator
+from .operators import LinearOperator, apply
 from .solvers import CG
 
 
@@ -166,11 +167,11 @@ class MMPS(eqx.Module):
     def with_info(self, x_t: Float[Array, "B ..."], sigma: ArrayLike) -> tuple[Array, dict]:
         """The posterior mean and solver diagnostics: `residual` (relative) and `iterations`."""
         batch = x_t.shape[0]
-        sigma = jnp.broadcast_to(jnp.asarray(sigma, x_t.dtype), (batch,))
+        sigma = broadcast_sigma(sigma, batch).astype(x_t.dtype)
         var_y = jnp.broadcast_to(jnp.asarray(self.var_y, self.y.dtype), self.y.shape)
         if self.scope == "batch":
             denoise = lambda x: self.denoiser(x, sigma)
-            A = lambda x: jax.vmap(lambda a, xi: a(xi))(self.A, x)
+            A = lambda x: apply(self.A, x)
             s = sigma.reshape((batch,) + (1,) * (x_t.ndim - 1))
             return posterior_mean(denoise, x_t, s, self.y, A, var_y, self.cov, self.solver)
 
