@@ -17,15 +17,26 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 EXTRAS := workbook,metrics,data,test
+# JupyterLab opens .py files with jupytext's notebook view (jupyter-config/README.md): the
+# project's setting, copied into the venv, never into ~/.jupyter.
+LABCONFIG_SRC := jupyter-config/labconfig/default_setting_overrides.json
+LABCONFIG := $(VENV)/etc/jupyter/labconfig/default_setting_overrides.json
+READY := $(STAMP) $(LABCONFIG)
 
 PROFILE ?= laptop
 NB ?=
 ARGS ?=
 TEST_ARGS ?=
+LAB_IP ?= 127.0.0.1
+LAB_PORT ?= 8888
+LAB_ARGS ?=
+# No browser to open on a headless node; as root (a container), Jupyter needs --allow-root.
+LAB_NO_BROWSER := $(if $(or $(DISPLAY),$(WAYLAND_DISPLAY),$(filter Darwin,$(shell uname -s))),,--no-browser)
+LAB_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.py))
 ALL_PY := $(sort $(wildcard notebooks/*.py))
 
-.PHONY: help env run test notebook params bench sync lab clean-env
+.PHONY: help env run test notebook params bench sync lab check-lab clean-env
 
 help:
 	@sed -n '1,/^$$/p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
@@ -38,9 +49,13 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -e '.[$(EXTRAS)]'
 	touch $@
 
-env: $(STAMP)
+$(LABCONFIG): $(LABCONFIG_SRC) | $(BIN)/python
+	mkdir -p $(@D)
+	cp $< $@
 
-run: $(STAMP)
+env: $(READY)
+
+run: $(READY)
 	@if [ -z "$(NOTEBOOKS)" ]; then echo "no notebooks/NN_*.py to run"; exit 0; fi
 	@failed=""; \
 	for nb in $(NOTEBOOKS); do \
@@ -50,29 +65,32 @@ run: $(STAMP)
 	if [ -n "$$failed" ]; then echo "FAILED:$$failed" >&2; exit 1; fi; \
 	echo "all notebooks ran; see outputs/"
 
-test: $(STAMP)
+test: $(READY)
 	$(BIN)/python -m pytest $(TEST_ARGS)
 
-notebook: $(STAMP)
+notebook: $(READY)
 	@if [ -z "$(NB)" ]; then echo "usage: make notebook NB=02_tweedie_covariance [PROFILE=laptop] [ARGS='-p key value']" >&2; exit 2; fi
 	$(BIN)/diem-run $(NB) --profile $(PROFILE) $(ARGS)
 
-params: $(STAMP)
+params: $(READY)
 	$(BIN)/diem-run $(or $(NB),--list) $(if $(NB),--list)
 
-bench: $(STAMP)
+bench: $(READY)
 	$(BIN)/python benchmarks/bench_mmps.py
 
 # A .py not yet paired (no `formats:` in its jupytext header) is paired with its .ipynb first.
-sync: $(STAMP)
+sync: $(READY)
 	@if [ -z "$(ALL_PY)" ]; then echo "no notebooks to sync"; exit 0; fi
 	@for py in $(ALL_PY); do \
 	  grep -q '^#  *formats: ipynb,py' "$$py" || $(BIN)/jupytext --set-formats ipynb,py:percent "$$py"; \
 	done
 	$(BIN)/jupytext --sync $(ALL_PY)
 
-lab: $(STAMP)
-	$(BIN)/jupyter lab
+lab: $(READY)
+	$(BIN)/jupyter lab --ip=$(LAB_IP) --port=$(LAB_PORT) $(LAB_NO_BROWSER) $(LAB_ROOT) $(LAB_ARGS)
+
+check-lab: $(READY)
+	$(BIN)/python scripts/check_lab.py
 
 clean-env:
 	rm -rf $(VENV)

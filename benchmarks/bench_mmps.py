@@ -1,4 +1,4 @@
-"""Cost of one MMPS call against its floor: one forward pass and k + 1 VJPs (method.md §3.2).
+"""Cost of one MMPS call against its floor: one forward pass and k + 1 VJPs (docs/method.md, 'MMPS').
 
 For the manifold MLP (batch 1024) and a small image U-Net (32x32x3, batch 16), prints the time
 of one forward pass F, one VJP B (a backward pass of `jax.vjp`: forward-with-VJP-and-one-backward
@@ -11,14 +11,14 @@ import argparse
 import time
 
 import jax
-import jax.numpy as jnp
 import lineax as lx
 
-from diemlib import operators
-from diemlib.denoiser import Denoiser
-from diemlib.mmps import MMPS, Tweedie
-from diemlib.networks import MLP, UNet
-from diemlib.solvers import CG, GMRES
+from diemlib.inverse import operators
+from diemlib.diffusion.denoiser import Denoiser
+from diemlib.inverse.mmps import MMPSDenoiser, Tweedie
+from diemlib.nn.mlp import MLP
+from diemlib.nn.unet import UNet
+from diemlib.linalg.solvers import CG, GMRES
 
 
 def timeit(fn, *args, repeats):
@@ -66,7 +66,7 @@ def main():
         print(f"\n{name}: F = {F:.2f} ms, B = {B:.2f} ms\n{header}")
         for solver_name, make in [("CG", CG), ("GMRES", GMRES), ("lineax CG", lambda k: lx.CG(0.0, 0.0, max_steps=k))]:
             for k in (1, 3, 5):
-                posterior = MMPS(denoiser, A, y, 1e-2, Tweedie(), make(k))
+                posterior = MMPSDenoiser(denoiser, A, y, 1e-2, Tweedie(), make(k))
                 t = timeit(jax.jit(lambda x: posterior(x, sigma)), x, repeats=args.repeats)
                 floor = F + (k + 1) * B
                 print(f"{solver_name:<12}{k:>3}{t:>10.2f}{floor:>10.2f}{t / floor:>8.2f}")

@@ -1,42 +1,45 @@
 """diemlib: DiEM and MMPS (Rozet, Andry, Lanusse & Louppe, NeurIPS 2024) in JAX and equinox.
 
-One concept per module, named as in the paper:
+Grouped by role; each module holds one concept of the paper:
 
-- `schedule`: the variance-exploding noise schedule σ_t.
-- `denoiser`: EDM-preconditioned denoiser around a network, noise embedding, denoising loss.
-- `gaussian`: DPLR covariance algebra and the analytic Gaussian denoiser.
-- `ppca`: probabilistic PCA (the Gaussian M-step).
-- `samplers`: DDPM, DDIM and predictor-corrector.
-- `solvers`: CG and GMRES from zero, as lineax solvers.
-- `mmps`: the moment-matching posterior denoiser and the covariance choices.
-- `operators`: observation operators A and their mask generators.
-- `networks`: the manifold MLP and the image U-Net of the reference.
-- `training`: the jitted Adam step, EMA and a resumable `fit`.
-- `checkpoint`: equinox serialisation without pickle, atomic writes.
-- `em`: the DiEM driver (Gaussian q_0, E-step, M-step, laps, resume).
-- `sharding`: data parallelism over all devices.
-- `manifold`, `mixture`: the latent manifold and the Gaussian-mixture priors of notebooks 01-02.
-- `covariance_study`: the machinery of notebook 02 (paper §4.2).
-- `sinkhorn`: the reference's debiased Sinkhorn number.
-- `plots`: figures shared by the notebooks.
-- `runner`: `diem-run`, the headless notebook runner.
+- `diffusion`: the noise schedule, the EDM-preconditioned denoiser and its loss, the analytic
+  Gaussian denoiser, and the samplers (DDPM, DDIM, predictor-corrector).
+- `linalg`: diagonal-plus-low-rank matrices, probabilistic PCA, Krylov solvers (CG, GMRES).
+- `inverse`: observation operators and their mask generators, the MMPS posterior denoiser and
+  the covariance choices of V[x | x_t].
+- `nn`: the reference's layers, the manifold MLP and the image U-Net.
+- `em`: the E-step, the M-step (training, EMA), the DiEM driver with checkpoints, sharding.
+- `eval`: the Sinkhorn number, the evidence check, the covariance study of §4.2.
+- `data`: the manifold and Gaussian-mixture priors of the low-dimensional experiments.
+- `workbook`: the headless notebook runner, its parameters, metrics files and shared plots.
+  Generic tooling, not the method.
+
+Naming: every denoiser, i.e. every estimate of E[x | x_t] a sampler consumes, is a
+`...Denoiser` (`Denoiser`, `GaussianDenoiser`, `MMPSDenoiser`); samplers are named after their
+update (`DDPM`, `DDIM`, `PC`). The common names are importable from `diemlib` itself.
+
+**XLA flag.** Importing `diemlib` appends
+`--xla_cpu_enable_concurrency_optimized_scheduler=false` to `XLA_FLAGS` unless the variable
+already sets that option: XLA's concurrency-optimized CPU scheduler deadlocks (every thread idle,
+no progress) on some of our programs (GMRES inside the predictor-corrector scan at batch >= 2048,
+jaxlib 0.10.2). It must be set before JAX starts its CPU backend and changes nothing on GPUs.
+Set `DIEMLIB_XLA_WORKAROUND=0` before importing to leave `XLA_FLAGS` untouched.
 """
 
 import os
 
-# XLA's CPU "concurrency-optimized" scheduler deadlocks (every thread idle, no progress) on some
-# of our programs: GMRES inside the predictor-corrector scan at batch >= 2048, jaxlib 0.10.2.
-# The default scheduler does not. The flag must be set before JAX starts its CPU backend, i.e.
-# before the first computation; it does nothing on GPUs.
-_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
-if "xla_cpu_enable_concurrency_optimized_scheduler" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_SCHEDULER_FLAG}".strip()
+XLA_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+if os.environ.get("DIEMLIB_XLA_WORKAROUND", "1") != "0" and (
+    "xla_cpu_enable_concurrency_optimized_scheduler" not in os.environ.get("XLA_FLAGS", "")
+):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_SCHEDULER_FLAG}".strip()
 
+from .diffusion import DDIM, DDPM, PC, Denoiser, GaussianDenoiser, VESchedule, denoising_loss, sampler  # noqa: E402
+from .inverse import MaskedFFT, Matrix, MMPSDenoiser, PixelMask, covariance  # noqa: E402
+from .linalg import CG, DPLR, GMRES, ppca, solver  # noqa: E402
 
-from .denoiser import Denoiser, denoising_loss, noise_embedding, preconditioning
-from .gaussian import DPLR, GaussianDenoiser
-from .mmps import MMPS, covariance
-from .operators import MaskedFFT, Matrix, PixelMask, kspace_mask, pixel_mask, random_projection
-from .samplers import DDIM, DDPM, PC, sampler
-from .schedule import VESchedule
-from .solvers import CG, GMRES, solver
+__all__ = [
+    "CG", "DDIM", "DDPM", "DPLR", "GMRES", "PC", "Denoiser", "GaussianDenoiser", "MMPSDenoiser",
+    "MaskedFFT", "Matrix", "PixelMask", "VESchedule", "covariance", "denoising_loss", "ppca",
+    "sampler", "solver",
+]

@@ -80,19 +80,19 @@ config = {
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from diemlib import em, operators, solvers
-from diemlib.denoiser import Denoiser
-from diemlib.manifold import random_manifold, sample_manifold
-from diemlib.networks import MLP
-from diemlib.plots import corner
-from diemlib.runner import write_metrics
-from diemlib.samplers import DDIM, sampler as make_sampler
-from diemlib.schedule import VESchedule
-from diemlib.sinkhorn import sinkhorn_divergence
+from diemlib import em
+from diemlib.data import random_manifold, sample_manifold
+from diemlib.diffusion import DDIM, Denoiser, VESchedule, sampler as make_sampler
+from diemlib.eval import evidence_divergence, sinkhorn_divergence
+from diemlib.eval.sinkhorn import FLOOR
+from diemlib.inverse import random_projection, simulate_observations
+from diemlib.linalg import solvers
+from diemlib.nn import MLP
+from diemlib.workbook import write_metrics
+from diemlib.workbook.plots import corner
 
 if observations < 2 * eval_samples:  # checked before any compute
     raise ValueError(f"the evidence check needs observations >= 2 * eval_samples = {2 * eval_samples}, got {observations}")
@@ -115,10 +115,10 @@ print(jax.devices())
 manifold = random_manifold(keys["manifold"], dimension)
 x_true = sample_manifold(keys["latents"], manifold, observations + 2 * eval_samples)
 x_obs, truth = x_true[:observations], np.asarray(x_true[observations:])
-A = jax.vmap(lambda k: operators.random_projection(k, projection, dimension))(
+A = jax.vmap(lambda k: random_projection(k, projection, dimension))(
     jax.random.split(keys["operators"], observations)
 )
-y = em.simulate_observations(keys["noise"], A, x_obs, var_y)
+y = simulate_observations(keys["noise"], A, x_obs, var_y)
 print(f"{observations} observations y of shape {y.shape[1:]}, latents of shape {x_obs.shape[1:]}")
 corner(truth[:eval_samples], title="ground truth (never observed)");
 
@@ -171,14 +171,14 @@ eval_sampler = make_sampler(sampler, schedule, eval_steps)
 reference, other_reference = truth[:eval_samples], truth[eval_samples:]
 
 
-def evaluate(lap, prior, mean):
+def evaluate(lap, prior, mean, samples):
     """Sinkhorn divergence to the ground truth, and the evidence check, of the current prior."""
     k = jax.random.fold_in(keys["eval"], lap + 1)
     x = em.prior_samples(k, prior, eval_sampler, eval_samples, event_shape=(dimension,), mean=mean)
     np.save(out / f"prior_lap{lap:03d}.npy", np.asarray(x))  # lap -1 is q0
     return {
         "sinkhorn": sinkhorn_divergence(reference, other_reference, x, max_iter=sinkhorn_max_iter),
-        "evidence": em.evidence_divergence(
+        "evidence": evidence_divergence(
             jax.random.fold_in(k, 1), x, A, y, var_y, max_iter=sinkhorn_max_iter
         ),
     }
@@ -217,12 +217,17 @@ for lap in shown:
 # %%
 history = metrics["laps"]
 lap_index = [m["lap"] for m in history]
+unresolved = {}  # a number at the estimator's floor for q0 and every lap: a flat line, not a result
 fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
 for ax, name in zip(axes[:2], ["sinkhorn", "evidence"]):
     ax.semilogy(lap_index, [m[name] for m in history], "o-")
     ax.axhline(metrics["q0"][name], ls="--", c="gray", label="$q_0$")
     ax.set(xlabel="lap", title=name)
     ax.legend()
+    if max([metrics["q0"][name]] + [m[name] for m in history]) <= FLOOR:
+        unresolved[name] = f"at the estimator's floor {FLOOR:g} for q0 and every lap: not resolved with eval_samples = {eval_samples}"
+        ax.text(0.5, 0.5, f"at the estimator's floor ({FLOOR:g})\nfor $q_0$ and every lap:\nnot resolved with {eval_samples} samples",
+                transform=ax.transAxes, ha="center", va="center", bbox=dict(fc="w", ec="0.7"))
 axes[2].semilogy(lap_index, [m["loss"] for m in history], "o-")
 axes[2].set(xlabel="lap", title="training loss (last 10 % of the lap)")
 axes[3].plot(lap_index, [m["estep_time"] for m in history], "o-", label="E-step")
@@ -240,6 +245,8 @@ summary = {
     "q0_evidence": metrics["q0"]["evidence"],
     "final_evidence": history[-1]["evidence"],
 }
-write_metrics(out, summary=summary, **metrics)
+write_metrics(out, summary=summary, unresolved=unresolved, **metrics)
 for name, value in summary.items():
     print(f"{name:>16}: {value:.4g}")
+for name, why in unresolved.items():
+    print(f"{name:>16}: {why}")

@@ -41,7 +41,7 @@
 # = \sigma_t^2 I + \sigma_t^4 \nabla_{x_t}^2 \log p(x_t).$$
 #
 # Earlier posterior samplers kept the mean and replaced the covariance by a heuristic
-# (method.md §3.4, with $\Sigma_t = \sigma_t^2 I$):
+# (paper §4.2; docs/method.md, 'Covariance choices'; with $\Sigma_t = \sigma_t^2 I$):
 #
 # | choice | $\mathbb{V}[x \mid x_t]$ | used by |
 # |---|---|---|
@@ -86,16 +86,18 @@ from pathlib import Path
 
 import jax
 
-jax.config.update("jax_enable_x64", True)  # posterior weights in float64 (experiments.md §02)
+jax.config.update("jax_enable_x64", True)  # posterior weights in float64: 2^20 importance weights
 
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 from tqdm import tqdm
 
-from diemlib import covariance_study as cs
-from diemlib.checkpoint import atomic_write_json
-from diemlib.mixture import helix_mixture, manifold_mixture
+from diemlib.eval import covariance_study as cs
+from diemlib.em.checkpoint import atomic_write_json
+from diemlib.data.mixture import helix_mixture, manifold_mixture
+from diemlib.eval.sinkhorn import sinkhorn_divergences
+from diemlib.inverse.operators import Matrix
 
 assert "tweedie" in choices and len(choices) > 1, "compare tweedie with at least one heuristic"
 heuristics = [c for c in choices if c != "tweedie"]
@@ -122,7 +124,7 @@ print(jax.devices(), f"{seeds} seeds x {len(sigmas)} noise levels x {len(choices
 #
 # and the exact likelihood is a mixture too:
 # $p(y \mid x_t) = \sum_k r_k \mathcal{N}(y \mid A m_k, \Sigma_y + c A A^\top)$.
-# `diemlib.mixture` implements these; its tests check them against autodiff. Here, once more, the
+# `diemlib.data.mixture` implements these; its tests check them against autodiff. Here, once more, the
 # closed-form covariance against Tweedie's $\sigma_t^2 I + \sigma_t^4 \nabla^2 \log p_t$:
 
 # %%
@@ -162,13 +164,13 @@ plt.show()
 
 # %%
 helix = helix_mixture(components=components, radius=2.0, std=std)
-helix_obs = cs.Observation(jnp.array([[1.0, 0.0, 2.0]]), jnp.array([0.0]), var_y)
+helix_W, helix_y = Matrix(jnp.array([[1.0, 0.0, 2.0]])), jnp.array([0.0])
 sets = cs.posterior_sets(
-    keys["helix"], helix, helix_obs, helix_sigma, choices,
+    keys["helix"], helix, helix_W, helix_y, var_y, helix_sigma, choices,
     prior_samples=prior_samples, count=helix_samples, chunk=chunk,
 )
 m = min(divergence_samples, helix_samples // 2)
-helix_scores = cs.divergences(
+helix_scores = sinkhorn_divergences(
     sets["true"][:m], sets["true"][-m:], {name: x[:m] for name, x in sets.items() if name != "true"},
     dtype=sinkhorn_dtype, **sinkhorn,
 )
@@ -204,7 +206,7 @@ plt.show()
 # For each of `seeds` experiments: a fresh random manifold mixture in $\mathbb{R}^n$ (means
 # min-max normalised to $[-2, 2]$), a row $W \sim \mathcal{N}(0, I)$ normalised to the unit
 # sphere, $y \sim \mathcal{N}(W \mu_1, \Sigma_y)$; then, at every $\sigma_t$, the Sinkhorn number
-# of the reference (experiments.md §01),
+# of the reference (paper §5.1; docs/method.md, 'Sinkhorn number'),
 #
 # $$S(\pi) = \max\big(\mathrm{OT}_\lambda(x^{(1)}, \pi) - \mathrm{OT}_\lambda(x^{(1)}, x^{(2)}),\ 10^{-6}\big),$$
 #

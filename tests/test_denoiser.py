@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from diemlib.denoiser import Denoiser, denoising_loss, loss_weight, noise_embedding, preconditioning
-from diemlib.gaussian import DPLR, GaussianDenoiser
-from diemlib.schedule import VESchedule
+from diemlib.diffusion.denoiser import Denoiser, denoising_loss, loss_weight, noise_embedding, preconditioning
+from diemlib.diffusion.gaussian import GaussianDenoiser
+from diemlib.linalg.dplr import DPLR
+from diemlib.diffusion.schedule import VESchedule
 
 SIGMAS = np.array([1e-3, 0.1, 0.5, 1.0, 3.0, 1e2])
 

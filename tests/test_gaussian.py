@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diemlib.gaussian import DPLR, GaussianDenoiser
+from diemlib.diffusion.gaussian import GaussianDenoiser
+from diemlib.linalg.dplr import DPLR
 
 D, R = 6, 2
 

@@ -9,11 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diemlib import covariance_study as cs
-from diemlib.gaussian import DPLR
-from diemlib.mixture import GaussianMixture, helix_mixture, manifold_mixture
-from diemlib.mmps import Prior, Tweedie
-from diemlib.sinkhorn import sinkhorn_divergence
+from diemlib.eval import covariance_study as cs
+from diemlib.linalg.dplr import DPLR
+from diemlib.data.mixture import GaussianMixture, helix_mixture, manifold_mixture
+from diemlib.inverse.mmps import Prior, Tweedie
+from diemlib.eval.sinkhorn import sinkhorn_divergence, sinkhorn_divergences
+from diemlib.inverse.operators import Matrix, log_likelihood
 
 SIGMAS = [0.01, 0.1, 1.0, 10.0]
 
@@ -35,10 +36,11 @@ def single_gaussian(n=3, std=0.5, var_y=0.1, key=3):
     """One component: the mixture is N(mu, s² I); with one unit row W the posterior is Gaussian."""
     k_mu, k_obs = jax.random.split(jax.random.key(key))
     mixture = GaussianMixture(jax.random.normal(k_mu, (1, n)), std)
-    obs = cs.random_observation(k_obs, mixture, var_y)
-    W, s2 = obs.W, std**2
+    A, y = cs.random_observation(k_obs, mixture, var_y)
+    obs = (A, y, var_y)
+    W, s2 = A.matrix, std**2
     gain = s2 * W.T / (var_y + s2 * jnp.sum(W**2))  # (n, 1)
-    mean = mixture.means[0] + gain @ (obs.y - W @ mixture.means[0])
+    mean = mixture.means[0] + gain @ (y - W @ mixture.means[0])
     cov = s2 * jnp.eye(n) - gain @ (s2 * W)
     return mixture, obs, mean, cov
 
@@ -137,16 +139,16 @@ def test_resample_follows_weights():
 
 
 def test_observation_likelihood():
-    obs = cs.Observation(jnp.array([[1.0, 0.0, 2.0]]), 0.5, 0.1)
+    A = Matrix(jnp.array([[1.0, 0.0, 2.0]]))
     x = jnp.array([[0.1, 0.2, 0.3], [1.0, -1.0, 0.0]])
     expected = jax.scipy.stats.norm.logpdf(0.5, x @ jnp.array([1.0, 0.0, 2.0]), jnp.sqrt(0.1))
-    np.testing.assert_allclose(obs.log_likelihood(x), expected, rtol=1e-12)
+    np.testing.assert_allclose(jax.vmap(lambda xi: log_likelihood(A, xi, jnp.array([0.5]), 0.1))(x), expected, rtol=1e-12)
 
 
 def test_importance_resampling_gives_gaussian_posterior():
     mixture, obs, mean, cov = single_gaussian()
     prior = mixture.sample(jax.random.key(10), 2**18)
-    x = cs.true_posterior(jax.random.key(11), prior, obs, 2**16)
+    x = cs.true_posterior(jax.random.key(11), prior, *obs, 2**16)
     np.testing.assert_allclose(x.mean(0), mean, atol=0.02)
     np.testing.assert_allclose(jnp.cov(x.T), cov, atol=0.01)
 
@@ -161,16 +163,16 @@ def test_tweedie_closure_is_denoiser_vjp(mixture, sigma):
 
 def test_exact_likelihood_matches_monte_carlo(mixture):
     """p(y | x_t) = E_{x ~ p(x | x_t)}[N(y | W x, Σ_y)], sampling p(x | x_t) component by component."""
-    obs = cs.random_observation(jax.random.key(5), mixture, 0.05)
+    A, y = cs.random_observation(jax.random.key(5), mixture, 0.05)
     sigma = 0.4
     x_t = near(mixture, sigma, count=1, key=6)[0]
-    exact = cs.log_likelihoods(mixture, obs, x_t, sigma, {})[cs.EXACT]
+    exact = cs.log_likelihoods(mixture, A, y, 0.05, x_t, sigma, {})[cs.EXACT]
     s2, v = mixture.std**2, mixture.std**2 + sigma**2
     k1, k2 = jax.random.split(jax.random.key(7))
     k = jax.random.categorical(k1, jnp.log(mixture.responsibilities(x_t, sigma)), shape=(2**20,))
     m_k = (sigma**2 * mixture.means + s2 * x_t) / v
     x = m_k[k] + jnp.sqrt(s2 * sigma**2 / v) * jax.random.normal(k2, (2**20, 3))
-    monte_carlo = jnp.log(jnp.mean(jnp.exp(obs.log_likelihood(x))))
+    monte_carlo = jnp.log(jnp.mean(jnp.exp(jax.vmap(lambda xi: log_likelihood(A, xi, y, 0.05))(x))))
     np.testing.assert_allclose(exact, monte_carlo, atol=0.01)
 
 
@@ -181,7 +183,7 @@ def test_tweedie_is_exact_for_one_gaussian(sigma):
     mixture, obs, _, _ = single_gaussian()
     covs = {"tweedie": Tweedie(), "prior": Prior(DPLR(jnp.zeros(3), mixture.std * jnp.eye(3)))}
     x_t = near(mixture, sigma, count=5)
-    log_q = jax.vmap(lambda x: cs.log_likelihoods(mixture, obs, x, sigma, covs))(x_t)
+    log_q = jax.vmap(lambda x: cs.log_likelihoods(mixture, *obs, x, sigma, covs))(x_t)
     np.testing.assert_allclose(log_q["tweedie"], log_q[cs.EXACT], rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(log_q["prior"], log_q[cs.EXACT], rtol=1e-9, atol=1e-9)
 
@@ -192,19 +194,19 @@ def test_tweedie_posterior_moments_for_one_gaussian():
     sigma = 0.5
     prior = mixture.sample(jax.random.key(20), 2**18)
     covs = cs.covariances(("tweedie", "zero"), prior)
-    sets = cs.noised_posteriors(jax.random.key(21), mixture, obs, prior, sigma, covs, 2**16)
+    sets = cs.noised_posteriors(jax.random.key(21), mixture, *obs, prior, sigma, covs, 2**16)
     for name in ("tweedie", cs.EXACT):
         np.testing.assert_allclose(sets[name].mean(0), mean, atol=0.03)
         np.testing.assert_allclose(jnp.cov(sets[name].T), cov + sigma**2 * jnp.eye(3), atol=0.03)
     # ignoring V overweights the x_t whose denoised mean fits y: the spread along W shrinks
-    W = obs.W[0]
+    W = obs[0].matrix[0]
     var_along_w = lambda x: jnp.var(x @ W)
     assert var_along_w(sets["zero"]) < 0.9 * var_along_w(sets["tweedie"])
 
 
-def test_empirical_covariance_dplr():
+def test_prior_covariance_is_full_rank_ppca():
     x = jax.random.normal(jax.random.key(0), (1000, 3)) @ jnp.array([[1.0, 0, 0], [0.5, 2.0, 0], [0, 0.3, 0.2]])
-    np.testing.assert_allclose(cs.empirical_covariance(x).dense(), jnp.cov(x.T), rtol=1e-10)
+    np.testing.assert_allclose(cs.prior_covariance(x).dense(), jnp.cov(x.T), rtol=1e-10)
 
 
 def test_divergences_share_the_debiasing_term():
@@ -212,7 +214,7 @@ def test_divergences_share_the_debiasing_term():
     ref, other, a, b = (jax.random.normal(ki, (64, 3)) for ki in k)
     b = b + 0.5
     kwargs = dict(reg=1e-2, max_iter=200, stop=1e-3)
-    scores = cs.divergences(ref, other, {"a": a, "b": b}, **kwargs)
+    scores = sinkhorn_divergences(ref, other, {"a": a, "b": b}, **kwargs)
     assert scores["a"] == pytest.approx(sinkhorn_divergence(ref, other, a, **kwargs))
     assert scores["b"] == pytest.approx(sinkhorn_divergence(ref, other, b, **kwargs))
     assert scores["b"] > scores["a"]
@@ -240,7 +242,7 @@ def test_study_seed_returns_finite_numbers():
 
 def test_posterior_sets_for_figure_one():
     helix = helix_mixture(components=64)
-    obs = cs.Observation(jnp.array([[1.0, 0.0, 2.0]]), 0.0, 1e-4)
-    sets = cs.posterior_sets(jax.random.key(0), helix, obs, 0.25, ("zero", "tweedie"), prior_samples=2**12, count=256)
+    A = Matrix(jnp.array([[1.0, 0.0, 2.0]]))
+    sets = cs.posterior_sets(jax.random.key(0), helix, A, jnp.array([0.0]), 1e-4, 0.25, ("zero", "tweedie"), prior_samples=2**12, count=256)
     assert set(sets) == {"true", "zero", "tweedie", cs.EXACT}
     assert all(x.shape == (256, 3) and bool(jnp.all(jnp.isfinite(x))) for x in sets.values())

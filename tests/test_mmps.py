@@ -7,12 +7,13 @@ import lineax as lx
 import numpy as np
 import pytest
 
-from diemlib.gaussian import DPLR, GaussianDenoiser
-from diemlib.mmps import MMPS, Prior, Tweedie, covariance
-from diemlib.operators import Matrix, broadcast
-from diemlib.samplers import DDPM
-from diemlib.schedule import VESchedule
-from diemlib.solvers import CG, GMRES, solver
+from diemlib.diffusion.gaussian import GaussianDenoiser
+from diemlib.linalg.dplr import DPLR
+from diemlib.inverse.mmps import MMPSDenoiser, Prior, Tweedie, covariance
+from diemlib.inverse.operators import Matrix, broadcast
+from diemlib.diffusion.samplers import DDPM
+from diemlib.diffusion.schedule import VESchedule
+from diemlib.linalg.solvers import CG, GMRES, solver
 
 D, M = 5, 3
 
@@ -35,7 +36,7 @@ def _problem(batch, seed=1):
 
 
 def _mmps(denoiser, a, y, var_y, **kwargs):
-    return MMPS(denoiser, Matrix(jnp.asarray(a)), jnp.asarray(y), jnp.asarray(var_y), **kwargs)
+    return MMPSDenoiser(denoiser, Matrix(jnp.asarray(a)), jnp.asarray(y), jnp.asarray(var_y), **kwargs)
 
 
 @eqx.filter_jit
@@ -119,7 +120,7 @@ def test_posterior_sampling_reproduces_the_gaussian_posterior():
     a, y, var_y = rng.normal(size=(M, D)), rng.normal(size=M), np.full(M, 0.1)
     m_post, c_post = _exact_posterior(mean, cov, a, y, var_y)
     n = 4000
-    mmps = MMPS(denoiser, broadcast(Matrix(jnp.asarray(a)), n), jnp.broadcast_to(jnp.asarray(y), (n, M)),
+    mmps = MMPSDenoiser(denoiser, broadcast(Matrix(jnp.asarray(a)), n), jnp.broadcast_to(jnp.asarray(y), (n, M)),
                 jnp.asarray(0.1), solver=CG(M))
     run = eqx.filter_jit(lambda key: DDPM(VESchedule(1e-3, 1e2), 256)(mmps, (n, D), key, mean=denoiser.mean))
     x = np.asarray(run(jax.random.key(0)))

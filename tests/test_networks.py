@@ -8,19 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diemlib.networks import (
-    MLP,
-    AttBlock,
-    LayerNorm,
-    Modulation,
-    ResBlock,
-    UNet,
-    cifar_unet,
-    count_parameters,
-    fastmri_unet,
-    pixel_shuffle,
-    pixel_unshuffle,
-)
+from diemlib.nn.layers import LayerNorm, Modulation, count_parameters
+from diemlib.nn.mlp import MLP
+from diemlib.nn.unet import AttBlock, ResBlock, UNet, cifar_unet, fastmri_unet, pixel_shuffle, pixel_unshuffle
 
 # The networks take any key; XLA on CPU compiles "rbg" random bits several times faster than
 # the default threefry, and initialisation compiles one sampler per weight shape.

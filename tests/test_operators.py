@@ -8,16 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diemlib.operators import (
-    MaskedFFT,
-    Matrix,
-    PixelMask,
-    apply,
-    broadcast,
-    kspace_mask,
-    pixel_mask,
-    random_projection,
-)
+from diemlib.inverse.operators import MaskedFFT, Matrix, PixelMask, apply, broadcast, kspace_mask, pixel_mask, random_projection
 
 H, W = 6, 8
 

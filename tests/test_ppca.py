@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diemlib.ppca import ppca
+from diemlib.linalg.ppca import ppca
 
 # `diemlib.ppca` the attribute is the function (re-exported); the module is in sys.modules.
-ppca_module = importlib.import_module("diemlib.ppca")
+ppca_module = importlib.import_module("diemlib.linalg.ppca")
 
 
 def _planted(d, r, noise, seed=0):

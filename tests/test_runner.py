@@ -16,8 +16,9 @@ import nbformat
 import pytest
 import yaml
 
-from diemlib import runner
-from diemlib.runner import RunnerError, main, notebook_parameters, read_notebook, resolve
+from diemlib.workbook import runner
+from diemlib.workbook.params import RunnerError, notebook_parameters
+from diemlib.workbook.runner import main, read_notebook, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -246,6 +247,24 @@ def test_list_and_check(root, capsys):
     assert not (root / "outputs").exists()
 
 
+def test_negative_numbers_are_values(root, capsys):
+    """`-p var_y -1e-4` reaches validation: argparse (< 3.13) took -1e-4 for an option."""
+    for value in ("-1e-4", "-1E+3", "-.5", "-2", "-1.", "-.inf"):
+        assert main(["00_toy", "--root", str(root), "--profile", "ci", "-p", "lr", value,
+                     "--check"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("diem-run: error: ") and "lr" in err and "(> 0" in err, err
+        assert "usage:" not in err
+    assert main(["00_toy", "--root", str(root), "--profile", "ci", "-p", "tag", "-1e-4",
+                 "-p", "cg_iters", "-0", "--check"]) == 0
+    checked = yaml.safe_load(capsys.readouterr().out)
+    assert checked["tag"] == "-1e-4" and checked["cg_iters"] == 0
+    with pytest.raises(SystemExit) as e:  # not a number: argparse's error, with a hint
+        main(["00_toy", "--root", str(root), "-p", "tag", "-x", "--check"])
+    assert e.value.code == 2
+    assert "a VALUE that starts with '-' must be a number" in capsys.readouterr().err
+
+
 def test_help_mentions_the_options(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
@@ -286,6 +305,42 @@ def test_failing_notebook_exits_1_and_keeps_its_record(root, capsys):
                  "--no-progress"]) == 1
     assert "ValueError: broken on purpose" in capsys.readouterr().err
     assert (out / "params.yaml").is_file() and (out / "01_fail.ipynb").is_file()
+
+
+# papermill's last request is kernel_info; answering it slowly widens the window in which
+# jupyter_client's SIGINT at shutdown used to land in a handler ("KeyboardInterrupt caught").
+SLOW_KERNEL_INFO = """
+# %%
+import time
+_kernel = get_ipython().kernel
+_answer = _kernel.shell_handlers["kernel_info_request"]
+
+
+async def _slowly(*args, **kwargs):
+    await _answer(*args, **kwargs)
+    time.sleep(2)
+
+
+_kernel.shell_handlers["kernel_info_request"] = _slowly
+"""
+
+
+def test_successful_run_is_quiet_and_labelled(root, capfd):
+    """No kernel warnings or errors on a successful run; the profile's note is printed and
+    written into metrics.json."""
+    path = root / "notebooks" / "00_toy.py"
+    path.write_text(path.read_text() + SLOW_KERNEL_INFO)
+    out = root / "out"
+    assert main(["00_toy", "--root", str(root), "--profile", "ci", "--out", str(out),
+                 "--no-progress"]) == 0
+    captured = capfd.readouterr()
+    log = captured.out + captured.err
+    for noise in ("IPKernelApp", "WARNING", "ERROR", "KeyboardInterrupt", "without encryption"):
+        assert noise not in log, log
+    assert f"diem-run: ci: {runner.PROFILE_NOTES['ci']}" in captured.err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["profile"] == "ci" and "noise" in metrics["profile_note"]
+    assert metrics["steps"] == 8  # what the notebook wrote is kept
 
 
 def test_write_metrics(tmp_path):
@@ -344,6 +399,26 @@ def test_notebook_declares_parameters(py):
 def test_notebook_has_every_profile(py):
     have = runner.list_profiles(py.stem, ROOT)
     assert set(runner.PROFILES) <= set(have), f"params/{py.stem}/ has only {have}"
+
+
+@pytest.mark.parametrize("py", NOTEBOOKS, ids=_ids(NOTEBOOKS))
+def test_notebook_says_its_scale(py):
+    """Run All uses the defaults, the quick interactive scale: the first Markdown cell says so
+    and how to get the paper's configuration."""
+    first = next(c.source for c in jupytext.read(str(py)).cells if c.cell_type == "markdown")
+    for needed in ("defaults", "--profile paper"):
+        assert needed in first, f"the first Markdown cell of {py.name} does not mention {needed!r}"
+
+
+@pytest.mark.parametrize("py", NOTEBOOKS, ids=_ids(NOTEBOOKS))
+def test_paper_profile_pins_every_scale_knob(py):
+    """paper.yaml sets every parameter another profile sets: the defaults are the interactive
+    scale, and changing one of them must not change the paper's configuration."""
+    files = {p: runner.read_params_file(ROOT / "params" / py.stem / f"{p}.yaml")
+             for p in runner.list_profiles(py.stem, ROOT)}
+    turned = set().union(*(set(v) for p, v in files.items() if p != "paper"))
+    missing = sorted(turned - set(files.get("paper", {})))
+    assert not missing, f"params/{py.stem}/paper.yaml does not set {missing}"
 
 
 @pytest.mark.parametrize("path", PARAM_FILES, ids=_ids(PARAM_FILES))

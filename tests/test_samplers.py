@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diemlib.gaussian import DPLR, GaussianDenoiser
-from diemlib.samplers import DDIM, DDPM, PC, sampler
-from diemlib.schedule import VESchedule
+from diemlib.diffusion.gaussian import GaussianDenoiser
+from diemlib.linalg.dplr import DPLR
+from diemlib.diffusion.samplers import DDIM, DDPM, PC, sampler
+from diemlib.diffusion.schedule import VESchedule
 
 SCHEDULE = VESchedule(1e-3, 1e2)
 

@@ -6,7 +6,7 @@ import lineax as lx
 import numpy as np
 import pytest
 
-from diemlib.solvers import CG, GMRES, solver
+from diemlib.linalg.solvers import CG, GMRES, solver
 
 N = 6
 

@@ -8,18 +8,12 @@ import numpy as np
 import optax
 import pytest
 
-from diemlib import checkpoint
-from diemlib.denoiser import Denoiser, denoising_loss
-from diemlib.networks import MLP
-from diemlib.schedule import VESchedule
-from diemlib.sharding import batch_sharding
-from diemlib.training import (
-    TrainState,
-    ema_update,
-    fit,
-    make_train_step,
-    optimizer,
-)
+from diemlib.em import checkpoint
+from diemlib.diffusion.denoiser import Denoiser, denoising_loss
+from diemlib.nn.mlp import MLP
+from diemlib.diffusion.schedule import VESchedule
+from diemlib.em.sharding import batch_sharding
+from diemlib.em.training import TrainState, ema_update, fit, make_train_step, optimizer
 
 SCHEDULE = VESchedule(1e-3, 1e1)
 EMB = 16

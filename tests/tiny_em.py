@@ -23,12 +23,17 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diemlib import checkpoint, em, operators, solvers  # noqa: E402
-from diemlib.denoiser import Denoiser  # noqa: E402
-from diemlib.manifold import random_manifold, sample_manifold  # noqa: E402
-from diemlib.networks import MLP  # noqa: E402
-from diemlib.samplers import DDIM, PC  # noqa: E402
-from diemlib.schedule import VESchedule  # noqa: E402
+from diemlib.em import checkpoint
+from diemlib import em
+from diemlib.inverse import operators
+from diemlib.inverse.operators import simulate_observations
+from diemlib.linalg import solvers
+from diemlib.linalg.dplr import DPLR
+from diemlib.diffusion.denoiser import Denoiser
+from diemlib.data.manifold import random_manifold, sample_manifold
+from diemlib.nn.mlp import MLP
+from diemlib.diffusion.samplers import DDIM, PC
+from diemlib.diffusion.schedule import VESchedule
 
 D = 3  # latent dimension
 N = 256  # observations
@@ -44,7 +49,7 @@ def problem(seed: int = 0) -> dict:
     k = jax.random.split(jax.random.key(seed), 5)
     x = sample_manifold(k[1], random_manifold(k[0], D), N)
     A = jax.vmap(lambda key: operators.random_projection(key, 2, D))(jax.random.split(k[2], N))
-    y = em.simulate_observations(k[3], A, x, VAR_Y)
+    y = simulate_observations(k[3], A, x, VAR_Y)
     model = Denoiser(MLP(D, emb_features=16, hidden=32, layers=2, key=k[4]), emb_features=16)
     return {"x": x, "A": A, "y": y, "model": model}
 
@@ -82,7 +87,7 @@ def main() -> None:
     metrics = run(out, prob, laps=args.laps, estep=estep)
     samples, meta = checkpoint.load(out / "estep.eqx", zeros(N, D))
     (model, mean), _ = checkpoint.load(out / "state.eqx", (prob["model"], zeros(D)))
-    (q0_mean, q0_cov), _ = checkpoint.load(out / "q0.eqx", (zeros(D), em.DPLR(zeros(D), zeros(D, D))))
+    (q0_mean, q0_cov), _ = checkpoint.load(out / "q0.eqx", (zeros(D), DPLR(zeros(D), zeros(D, D))))
     weights = np.concatenate([np.ravel(w) for w in jax.tree.leaves(eqx.filter(model, eqx.is_array))])
     # An E-step with a network prior: the fresh (untrained) model, the same in every process.
     gmres = eqx.tree_at(lambda e: e.solver, ESTEP, solvers.GMRES(3))

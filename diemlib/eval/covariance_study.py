@@ -2,18 +2,21 @@ r"""The Tweedie covariance study (paper §4.2, Figs. 1–2): which $\mathbb{V}[x
 $q(y \mid x_t)$ right?
 
 MMPS replaces the intractable likelihood $p(y \mid x_t) = \int p(y \mid x)\, p(x \mid x_t)\, dx$
-of $y = W x + \eta$, $\eta \sim \mathcal{N}(0, \Sigma_y)$, by moment matching
+of $y = W x + \eta$, $\eta \sim \mathcal{N}(0, \Sigma_y I)$, by moment matching
 $q(x \mid x_t) = \mathcal{N}(\mathbb{E}[x \mid x_t], V)$:
 
 $$q(y \mid x_t) = \mathcal{N}\big(y \mid W\, \mathbb{E}[x \mid x_t],\ \Sigma_y + W V W^\top\big).$$
 
 For a Gaussian-mixture prior ([`GaussianMixture`][]) everything else is exact, so the quality of
-$q(x_t \mid y) \propto p(x_t)\, q(y \mid x_t)$ isolates the choice of $V$ (method.md §3.4):
+$q(x_t \mid y) \propto p(x_t)\, q(y \mid x_t)$ isolates the choice of $V$ (paper §4.2; the choices are
+those of docs/method.md, 'Covariance choices'):
 `zero` ($0$), `sigma` ($\sigma^2 I$), `sigma_over_1p`, `prior`
 ($\sigma^2 I - \sigma^4 (\Sigma_x + \sigma^2 I)^{-1}$ with the empirical prior covariance) and
 `tweedie` (the exact $\mathbb{V}[x \mid x_t] = \sigma^2 \nabla \mathbb{E}[x \mid x_t]$).
 
-Every distribution is represented by samples (experiments.md §02):
+The observation is a [`Matrix`][] operator $W$ (one row in the paper), an observation `y` and the
+scalar noise variance `var_y`: the operators' observation model, as everywhere in the library.
+Every distribution is represented by samples (paper §4.2, Fig. 2):
 
 - the true posterior $p(x \mid y)$: prior samples importance-resampled with weights $p(y \mid x)$;
   the true $p(x_t \mid y)$ adds $\sigma z$ to them;
@@ -28,7 +31,6 @@ The score is the reference's Sinkhorn number ([`sinkhorn_divergence`][]) between
 an approximate set, debiased by a second, independent true set.
 """
 
-import math
 from typing import Callable, Sequence
 
 import equinox as eqx
@@ -38,51 +40,34 @@ import numpy as np
 from jax.scipy.special import logsumexp
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
-from .gaussian import DPLR
-from .mixture import GaussianMixture, manifold_mixture
-from .mmps import Covariance, covariance
-from .sinkhorn import entropic_ot
+from ..data.mixture import GaussianMixture, manifold_mixture
+from ..inverse.mmps import Covariance, covariance
+from ..inverse.operators import (
+    Matrix, broadcast, log_likelihood, random_projection, simulate_observations,
+)
+from ..linalg.dplr import DPLR
+from ..linalg.ppca import ppca
+from .sinkhorn import sinkhorn_divergences
 
 EXACT = "exact"
 """The name of the exact likelihood $p(y \\mid x_t)$ among the weights: the estimator floor."""
 
 CHOICES = ("zero", "sigma", "sigma_over_1p", "prior", "tweedie")
-"""The covariance choices of method.md §3.4 that the study can compare."""
-
-
-class Observation(eqx.Module):
-    r"""A linear-Gaussian observation $y = W x + \eta$, $\eta \sim \mathcal{N}(0, \Sigma_y I)$.
-
-    **Arguments:** `W` of shape `(m, n)`, `y` of shape `(m,)`, the scalar variance `var_y`.
-    """
-
-    W: Float[Array, "m n"]
-    y: Float[Array, " m"]
-    var_y: Float[Array, ""]
-
-    def __init__(self, W: ArrayLike, y: ArrayLike, var_y: ArrayLike):
-        self.W = jnp.atleast_2d(jnp.asarray(W))
-        self.y = jnp.atleast_1d(jnp.asarray(y, self.W.dtype))
-        self.var_y = jnp.asarray(var_y, self.W.dtype)
-
-    def log_likelihood(self, x: Float[Array, "... n"]) -> Float[Array, "..."]:
-        r"""$\log p(y \mid x) = \log \mathcal{N}(y \mid W x, \Sigma_y I)$."""
-        residual = self.y - x @ self.W.T
-        m = self.y.shape[0]
-        return -0.5 * (jnp.sum(residual**2, -1) / self.var_y + m * jnp.log(2 * jnp.pi * self.var_y))
+"""The covariance choices (docs/method.md, 'Covariance choices') that the study can compare."""
 
 
 def random_observation(
     key: PRNGKeyArray, mixture: GaussianMixture, var_y: float = 1e-4, rows: int = 1
-) -> Observation:
-    r"""experiments.md §02: rows of $W \sim \mathcal{N}(0, I)$ normalised to the unit sphere, the
-    true $x$ the first component mean, $y \sim \mathcal{N}(W x, \Sigma_y I)$."""
+) -> tuple[Matrix, Float[Array, " rows"]]:
+    r"""The observation of paper §4.2: a [`random_projection`][] $W$ (rows $\sim \mathcal{N}(0, I)$
+    normalised to the unit sphere), the true $x$ the first component mean, and
+    $y \sim \mathcal{N}(W x, \Sigma_y I)$ by [`simulate_observations`][].
+
+    **Returns:** the operator $W$ and `y` of shape `(rows,)`.
+    """
     key_w, key_y = jax.random.split(key)
-    dtype = mixture.means.dtype
-    W = jax.random.normal(key_w, (rows, mixture.dim), dtype)
-    W = W / jnp.linalg.norm(W, axis=-1, keepdims=True)
-    y = W @ mixture.means[0] + math.sqrt(var_y) * jax.random.normal(key_y, (rows,), dtype)
-    return Observation(W, y, var_y)
+    W = random_projection(key_w, rows, mixture.dim)
+    return W, simulate_observations(key_y, broadcast(W, 1), mixture.means[:1], var_y)[0]
 
 
 def resample(
@@ -102,31 +87,40 @@ def resample(
 
 
 def true_posterior(
-    key: PRNGKeyArray, prior: Float[Array, "N n"], obs: Observation, count: int
+    key: PRNGKeyArray, prior: Float[Array, "N n"], A: Matrix, y: Array, var_y: ArrayLike, count: int
 ) -> Float[Array, "count n"]:
     r"""`count` samples of $p(x \mid y) \propto p(x)\, p(y \mid x)$: prior samples resampled with
-    weights $p(y \mid x)$."""
-    return resample(key, prior, obs.log_likelihood(prior), count)
+    weights $p(y \mid x)$ ([`log_likelihood`][])."""
+    log_w = jax.vmap(lambda x: log_likelihood(A, x, y, var_y))(prior)
+    return resample(key, prior, log_w, count)
 
 
-def empirical_covariance(samples: Float[Array, "N n"]) -> DPLR:
-    r"""The empirical covariance $\Sigma_x$ of samples, as a full-rank [`DPLR`][] $0 + L L^\top$
-    ($L$ its Cholesky factor), the form [`mmps.Prior`][] takes."""
-    centred = samples - samples.mean(axis=0)
-    cov = centred.T @ centred / (samples.shape[0] - 1)
-    return DPLR(jnp.zeros(samples.shape[1], samples.dtype), jnp.linalg.cholesky(cov))
+def prior_covariance(samples: Float[Array, "N n"]) -> DPLR:
+    r"""The sample covariance $\Sigma_x$ of the prior samples (with Bessel's $1 / (N - 1)$), as the
+    [`DPLR`][] [`mmps.Prior`][] takes: the full-rank [`ppca`][] fit, rescaled by $N / (N - 1)$.
+
+    At rank $r = d$, PPCA returns $10^{-6} I + Q \operatorname{diag}(L - 10^{-6}) Q^\top$, with
+    $(L, Q)$ the eigenpairs of $C = X^\top X / N$: exactly $C$ whenever every $L_j \ge 10^{-6}$
+    (true of the study's priors, spread over $[-2, 2]^n$), and $C$ with its eigenvalues floored at
+    $10^{-6}$ otherwise.
+    """
+    n = samples.shape[0]
+    _, cov = ppca(samples, samples.shape[1])
+    return cov * (n / (n - 1))
 
 
 def covariances(choices: Sequence[str], prior: Float[Array, "N n"] | None = None) -> dict[str, Covariance]:
-    """The covariance choices by name ([`mmps.covariance`][]); `prior` uses the empirical covariance
-    of the `prior` samples."""
-    cov_x = empirical_covariance(prior) if "prior" in choices else None
+    """The covariance choices by name ([`mmps.covariance`][]); `prior` uses the sample covariance
+    of the `prior` samples ([`prior_covariance`][])."""
+    cov_x = prior_covariance(prior) if "prior" in choices else None
     return {name: covariance(name, cov_x) for name in choices}
 
 
 def log_likelihoods(
     mixture: GaussianMixture,
-    obs: Observation,
+    A: Matrix,
+    y: Float[Array, " m"],
+    var_y: ArrayLike,
     x_t: Float[Array, " n"],
     sigma: ArrayLike,
     covs: dict[str, Covariance],
@@ -141,21 +135,21 @@ def log_likelihoods(
     $\log q(y \mid x_t) = \log \mathcal{N}(y \mid W\, \mathbb{E}[x \mid x_t], \Sigma_y I + W V W^\top)$.
     """
     sigma = jnp.asarray(sigma, x_t.dtype)
-    m = obs.y.shape[0]
-    eye = jnp.eye(m, dtype=x_t.dtype)
+    W = A.matrix
+    eye = jnp.eye(y.shape[0], dtype=x_t.dtype)
     r, x_hat, V = mixture.moments(x_t, sigma)
     vjp = lambda u: V @ u / sigma**2  # Jᵀ = J = V / σ²
 
     out = {}
     for name, cov in covs.items():
-        VW = jax.vmap(lambda w: cov(w, sigma, vjp))(obs.W)  # rows: (V W_jᵀ)ᵀ
-        out[name] = _log_normal(obs.y, obs.W @ x_hat, obs.var_y * eye + obs.W @ VW.T)
+        VW = jax.vmap(lambda w: cov(w, sigma, vjp))(W)  # rows: (V W_jᵀ)ᵀ
+        out[name] = _log_normal(y, A(x_hat), var_y * eye + W @ VW.T)
 
     # exact: p(y | x_t) = Σ_k r_k N(y | W m_k, Σ_y + c W Wᵀ)
     s2, v = mixture.std**2, mixture.std**2 + sigma**2
-    W_m = (sigma**2 * mixture.means @ obs.W.T + s2 * obs.W @ x_t) / v  # (K, m)
-    cov_e = obs.var_y * eye + (s2 * sigma**2 / v) * obs.W @ obs.W.T
-    out[EXACT] = logsumexp(_log_normal(obs.y, W_m, cov_e), b=r)
+    W_m = (sigma**2 * mixture.means @ W.T + s2 * W @ x_t) / v  # (K, m)
+    cov_e = var_y * eye + (s2 * sigma**2 / v) * W @ W.T
+    out[EXACT] = logsumexp(_log_normal(y, W_m, cov_e), b=r)
     return out
 
 
@@ -175,7 +169,9 @@ def _log_normal(y: Array, mean: Float[Array, "... m"], cov: Float[Array, "m m"])
 def noised_posteriors(
     key: PRNGKeyArray,
     mixture: GaussianMixture,
-    obs: Observation,
+    A: Matrix,
+    y: Float[Array, " m"],
+    var_y: ArrayLike,
     prior: Float[Array, "N n"],
     sigma: ArrayLike,
     covs: dict[str, Covariance],
@@ -190,7 +186,7 @@ def noised_posteriors(
     """
     key_z, key_r = jax.random.split(key)
     x_t = prior + sigma * jax.random.normal(key_z, prior.shape, prior.dtype)
-    one = lambda x: log_likelihoods(mixture, obs, x, sigma, covs)
+    one = lambda x: log_likelihoods(mixture, A, y, var_y, x, sigma, covs)
     log_w = jax.lax.map(one, x_t, batch_size=min(chunk, x_t.shape[0]))
     return {name: resample(jax.random.fold_in(key_r, i), x_t, log_w[name], count)
             for i, name in enumerate(sorted(log_w))}
@@ -199,7 +195,9 @@ def noised_posteriors(
 def posterior_sets(
     key: PRNGKeyArray,
     mixture: GaussianMixture,
-    obs: Observation,
+    A: Matrix,
+    y: Float[Array, " m"],
+    var_y: ArrayLike,
     sigma: float,
     choices: Sequence[str] = ("zero", "sigma", "prior", "tweedie"),
     *,
@@ -213,8 +211,10 @@ def posterior_sets(
     key_prior, key_post, key_noise, key_q = jax.random.split(key, 4)
     prior = mixture.sample(key_prior, prior_samples)
     sigma = jnp.asarray(sigma, prior.dtype)
-    true = _noised(key_noise, true_posterior(key_post, prior, obs, count), sigma)
-    approx = noised_posteriors(key_q, mixture, obs, prior, sigma, covariances(choices, prior), count, chunk)
+    true = _noised(key_noise, true_posterior(key_post, prior, A, y, var_y, count), sigma)
+    approx = noised_posteriors(
+        key_q, mixture, A, y, var_y, prior, sigma, covariances(choices, prior), count, chunk
+    )
     return {"true": true, **approx}
 
 
@@ -222,25 +222,6 @@ def posterior_sets(
 def _noised(key: PRNGKeyArray, x: Array, sigma: ArrayLike) -> Array:
     """$x + \\sigma z$."""
     return x + sigma * jax.random.normal(key, x.shape, x.dtype)
-
-
-def divergences(
-    reference: Array,
-    other_reference: Array,
-    sets: dict[str, Array],
-    *,
-    reg: float = 1e-3,
-    max_iter: int = 1024,
-    stop: float = 1e-3,
-    dtype: jnp.dtype | str | None = None,
-) -> dict[str, float]:
-    r"""[`sinkhorn_divergence`][] of every set in `sets` against `reference`, with the debiasing term
-    $\mathrm{OT}_\lambda(x^{(1)}, x^{(2)})$ computed once for all; the iterations run in `dtype`
-    (default: that of the samples)."""
-    cast = (lambda a: a) if dtype is None else (lambda a: jnp.asarray(a, dtype))
-    ot = lambda a, b: float(entropic_ot(cast(a), cast(b), reg=reg, max_iter=max_iter, stop=stop))
-    bias = ot(reference, other_reference)
-    return {name: max(ot(reference, samples) - bias, 1e-6) for name, samples in sets.items()}
 
 
 def study_seed(
@@ -267,8 +248,7 @@ def study_seed(
     For each $\sigma_t$: $x^{(1)}, x^{(2)}$ are two independent sets of true $p(x_t \mid y)$
     samples (true posterior samples plus fresh noise), $\pi$ the approximate set, and
     $S(\pi) = \max(\mathrm{OT}_\lambda(x^{(1)}, \pi) - \mathrm{OT}_\lambda(x^{(1)}, x^{(2)}), 10^{-6})$,
-    i.e. [`sinkhorn_divergence`][] with its debiasing term computed once for all choices
-    ([`divergences`][]).
+    i.e. [`sinkhorn_divergences`][], its debiasing term computed once for all choices.
 
     Sample sets are drawn in the default dtype (float64 under `jax_enable_x64`); the Sinkhorn
     iterations run in `ot_dtype` (float32 costs 2 to 4 times less on CPU).
@@ -281,10 +261,10 @@ def study_seed(
             raise ValueError(f"unknown covariance choice {name!r}; choose from {CHOICES}")
     key_mix, key_obs, key_prior, key_post, key_sigma = jax.random.split(key, 5)
     mixture = manifold_mixture(key_mix, n=n, components=components, std=std)
-    obs = random_observation(key_obs, mixture, var_y)
+    A, y = random_observation(key_obs, mixture, var_y)
     prior = mixture.sample(key_prior, prior_samples)
     covs = covariances(choices, prior)
-    reference = true_posterior(key_post, prior, obs, 2 * divergence_samples)
+    reference = true_posterior(key_post, prior, A, y, var_y, 2 * divergence_samples)
     x1, x2 = reference[:divergence_samples], reference[divergence_samples:]
 
     out = {name: np.empty(len(sigmas)) for name in (*choices, EXACT)}
@@ -293,8 +273,12 @@ def study_seed(
         key_i = jax.random.fold_in(key_sigma, i)
         key_1, key_2, key_q = jax.random.split(key_i, 3)
         u1, u2 = _noised(key_1, x1, sigma), _noised(key_2, x2, sigma)
-        approx = noised_posteriors(key_q, mixture, obs, prior, sigma, covs, divergence_samples, chunk)
-        scores = divergences(u1, u2, approx, reg=reg, max_iter=max_iter, stop=stop, dtype=ot_dtype)
+        approx = noised_posteriors(
+            key_q, mixture, A, y, var_y, prior, sigma, covs, divergence_samples, chunk
+        )
+        scores = sinkhorn_divergences(
+            u1, u2, approx, reg=reg, max_iter=max_iter, stop=stop, dtype=ot_dtype
+        )
         for name in out:
             out[name][i] = scores[name]
         if callback is not None:

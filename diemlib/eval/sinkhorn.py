@@ -1,4 +1,5 @@
-r"""The reference's "Sinkhorn divergence" between sample sets (experiments.md §01, "Metric").
+r"""The reference's "Sinkhorn divergence" between sample sets (paper §5.1; docs/method.md,
+'Sinkhorn number').
 
 $$S(\pi) = \max\big(\mathrm{OT}_\lambda(x^{(1)}, \pi) - \mathrm{OT}_\lambda(x^{(1)}, x^{(2)}),\ 10^{-6}\big)$$
 
@@ -11,6 +12,8 @@ removes the entropic bias, so $S$ sits at its floor when $\pi$ is distributed li
 iteration (same updates, same stopping test every 10 iterations; the tests compare them), written
 in JAX so that it runs jitted: on 1024 points it is tens of times faster than POT's NumPy loop.
 """
+
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -61,12 +64,36 @@ def entropic_ot(
     return jnp.sum(cost * jnp.exp(log_plan(f, g)))
 
 
+FLOOR = 1e-6
+"""The floor of $S$: a debiased cost below it (estimator noise of either sign) reads as $10^{-6}$."""
+
+
+def sinkhorn_divergences(
+    reference: ArrayLike,
+    other_reference: ArrayLike,
+    sets: Mapping[str, ArrayLike],
+    *,
+    dtype: jnp.dtype | str | None = None,
+    **kwargs,
+) -> dict[str, float]:
+    r"""$S$ of every set in `sets` against `reference`, debiased by a disjoint `other_reference`.
+
+    The debiasing term $\mathrm{OT}_\lambda(x^{(1)}, x^{(2)})$ is computed once for all sets; each
+    difference is taken in float64 and floored at [`FLOOR`][]. The iterations run in `dtype`
+    (default: that of the samples; float32 costs 2 to 4 times less on CPU). `kwargs` go to
+    [`entropic_ot`][] (`reg`, `max_iter`, `stop`).
+    """
+    cast = (lambda a: a) if dtype is None else (lambda a: jnp.asarray(a, dtype))
+    ot = lambda a: float(entropic_ot(cast(reference), cast(a), **kwargs))
+    bias = ot(other_reference)
+    return {name: max(ot(samples) - bias, FLOOR) for name, samples in sets.items()}
+
+
 def sinkhorn_divergence(
     reference: ArrayLike, other_reference: ArrayLike, samples: ArrayLike, **kwargs
 ) -> float:
     """$S$ of `samples` against `reference`, debiased by a disjoint `other_reference` set.
 
-    `kwargs` go to [`entropic_ot`][] (`reg`, `max_iter`, `stop`).
+    One set of [`sinkhorn_divergences`][]; `kwargs` go to it (`reg`, `max_iter`, `stop`, `dtype`).
     """
-    bias = entropic_ot(reference, other_reference, **kwargs)
-    return max(float(entropic_ot(reference, samples, **kwargs) - bias), 1e-6)
+    return sinkhorn_divergences(reference, other_reference, {"samples": samples}, **kwargs)["samples"]

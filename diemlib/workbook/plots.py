@@ -43,3 +43,33 @@ def corner(
         fig.suptitle(title)
     fig.subplots_adjust(wspace=0.05, hspace=0.05)
     return fig
+
+
+def image_grid(rows: dict[str, np.ndarray], *, columns: int = 8, size: float = 1.0, title: str | None = None):
+    """Rows of images, one labelled row per entry of `rows` (paper Figs. 4-6).
+
+    Each value is an array `(N, C, H, W)` of floats in the latent range $[-2, 2]$ (shown as
+    $[0, 1]$ with clipping) or `(N, H, W)` greyscale of any range (shown with its own limits);
+    the first `columns` images of each row are drawn.
+    """
+    fig, axes = plt.subplots(
+        len(rows), columns, figsize=(size * columns, size * len(rows) + 0.4 * bool(title)), squeeze=False
+    )
+    for r, (label, images) in enumerate(rows.items()):
+        images = np.asarray(images)[:columns]
+        for c, ax in enumerate(axes[r]):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c >= len(images):
+                ax.axis("off")
+                continue
+            image = images[c]
+            if image.ndim == 3:
+                ax.imshow(np.clip((np.moveaxis(image, 0, -1) + 2) / 4, 0, 1), interpolation="nearest")
+            else:
+                ax.imshow(image, cmap="gray", interpolation="nearest")
+        axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -31,6 +31,15 @@ injects `out_dir`, the absolute path of the out dir, as a string. Declare it in 
 cell so the notebook also runs in Jupyter, where the kernel starts in `notebooks/`:
 `out_dir = "../outputs/NN_name/interactive"  # where figures and metrics.json go (set by diem-run)`.
 `out_dir` is reserved: set it with `--out`, not with `-p` or a params file.
+The kernel's sockets are CurveZMQ-encrypted (else IPC), and a finished kernel is shut down
+without a SIGINT, so that a successful run logs no kernel warnings (`_kernel_manager_class`).
+
+**Scales.** The notebook defaults are the quick interactive scale: what Run All in JupyterLab
+does on a laptop CPU, in minutes, still showing the effect. Each params file lists every value
+that differs from them: `ci` (a smoke test whose numbers are noise), `laptop` (a CPU run that
+shows the paper's effect), `paper` (the paper's configuration, all of it). `diem-run` prints
+what a scale's numbers mean and writes it into `metrics.json` (`profile`, `profile_note`; see
+`PROFILE_NOTES`). A `-p` VALUE may be a negative number (`-p var_y -1e-4`).
 
 **Declaring parameters.** The notebook's cell tagged `parameters` holds one assignment per
 knob, `name = default  # help text`:
@@ -69,22 +78,19 @@ where); 2: bad input, nothing written.
 from __future__ import annotations
 
 import argparse
-import ast
-import difflib
-import io
-import json
+import functools
 import logging
-import math
+import os
 import re
 import sys
-import tokenize
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .checkpoint import atomic_write_json
+from .metrics import write_metrics
+from .params import Parameter, RunnerError, notebook_parameters, validate, yaml_value
 
 __all__ = [
     "Parameter",
@@ -104,319 +110,18 @@ __all__ = [
 
 PROFILES = ("ci", "laptop", "paper")
 DEFAULT_PROFILE = "laptop"
-RESERVED = ("out_dir",)
 KERNEL = "python3"
-
-
-class RunnerError(Exception):
-    """Bad input to the runner (unknown notebook, params file, parameter or value)."""
-
-
-# --------------------------------------------------------------------------- YAML
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads `1e-3` as a float and refuses duplicate keys."""
-
-
-_Loader.yaml_implicit_resolvers = {
-    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:float"]
-    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+# What the numbers of a run at each scale mean: printed by `diem-run` and written into the
+# run's `metrics.json` as `profile` and `profile_note` (`default`: the notebook defaults alone).
+PROFILE_NOTES = {
+    "ci": "smoke test: checks that every code path runs, in minutes; its numbers are noise, "
+          "not results",
+    "default": "the notebook defaults: the quick interactive scale (minutes on a laptop CPU); "
+               "shows the effect roughly, not the paper's numbers",
+    "laptop": "laptop scale: a CPU run big enough to show the paper's effect; "
+              "not the paper's numbers",
+    "paper": "the paper's configuration (a GPU node)",
 }
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-
-
-def _construct_mapping(loader, node, deep=False):
-    keys = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in keys:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark
-            )
-        keys.add(key)
-    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
-
-
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def _yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)
-
-
-# --------------------------------------------------------------------------- parameters
-
-
-@dataclass(frozen=True)
-class Parameter:
-    """One knob of a notebook, as declared in its `parameters` cell.
-
-    **Arguments:**
-
-    - `name`, `default`: the assignment `name = default`.
-    - `help`: the trailing comment, constraint included.
-    - `bounds`: `(op, number)` pairs that must all hold; `choices`: allowed values (or `None`).
-    """
-
-    name: str
-    default: Any
-    help: str = ""
-    bounds: tuple[tuple[str, float], ...] = ()
-    choices: tuple[Any, ...] | None = None
-
-    @property
-    def type(self) -> type | None:
-        """The expected type (`None`: anything), derived from the default."""
-        d = self.default
-        if d is None:
-            return None
-        if isinstance(d, tuple):
-            return list
-        return type(d)
-
-    @property
-    def item_type(self) -> type | None:
-        """For a list, the type of its elements (`None`: unchecked)."""
-        if self.type is not list or not self.default:
-            return None
-        types = {type(x) for x in self.default}
-        if types == {int, float}:
-            return float
-        return types.pop() if len(types) == 1 else None
-
-    @property
-    def type_name(self) -> str:
-        t = self.type
-        if t is None:
-            return "any"
-        if t is list:
-            it = self.item_type
-            return f"list[{it.__name__}]" if it is not None else "list"
-        return t.__name__
-
-
-_BOUND = re.compile(r"^\s*(>=|<=|>|<)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
-_CHOICES = re.compile(r"\bone of:\s*([^)]*)")
-_OPS = {">": float.__gt__, ">=": float.__ge__, "<": float.__lt__, "<=": float.__le__}
-
-
-def _parse_constraint(help_text: str):
-    """Returns `(bounds, choices)` found in a help comment (see the module docstring)."""
-    bounds: list[tuple[str, float]] = []
-    for group in re.findall(r"\(([^()]*)\)", help_text):
-        parts = [_BOUND.match(p) for p in group.split(",")]
-        if parts and all(parts):
-            bounds += [(m.group(1), float(m.group(2))) for m in parts]
-    choices = None
-    m = _CHOICES.search(help_text)
-    if m:
-        choices = tuple(c.strip() for c in m.group(1).split(",") if c.strip())
-    return tuple(bounds), choices
-
-
-def _comments(source: str) -> dict[int, str]:
-    """Maps line number (1-based) to the text of the comment on that line."""
-    out = {}
-    try:
-        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-            if tok.type == tokenize.COMMENT:
-                out[tok.start[0]] = tok.string.lstrip("#").strip()
-    except (tokenize.TokenError, IndentationError):
-        pass
-    return out
-
-
-def _parameters_cell(nb):
-    cells = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
-    return cells[0] if cells else None
-
-
-def notebook_parameters(nb, name: str = "notebook") -> dict[str, Parameter]:
-    """Parses the cell tagged `parameters` of a notebook into `{name: Parameter}`.
-
-    **Arguments:**
-
-    - `nb`: an `nbformat` notebook (see `read_notebook`).
-    - `name`: how to call the notebook in error messages.
-
-    **Returns:** the parameters in declaration order. Raises `RunnerError` when the cell is
-    missing or a declaration breaks the rules of the module docstring.
-    """
-    cell = _parameters_cell(nb)
-    if cell is None:
-        raise RunnerError(f"{name} has no cell tagged 'parameters': declare its knobs there")
-    source = cell.source
-    try:
-        tree = ast.parse(source)
-    except SyntaxError as e:
-        raise RunnerError(f"{name}: the parameters cell is not valid Python: {e}") from None
-    comments = _comments(source)
-    params: dict[str, Parameter] = {}
-    errors = []
-    for stmt in tree.body:
-        if isinstance(stmt, ast.Assign):
-            targets, value = stmt.targets, stmt.value
-        elif isinstance(stmt, ast.AnnAssign) and stmt.value is not None:
-            targets, value = [stmt.target], stmt.value
-        else:
-            continue  # imports, expressions: run by the notebook, not knobs
-        line = stmt.lineno
-        if len(targets) != 1 or not isinstance(targets[0], ast.Name):
-            errors.append(f"line {line}: declare one parameter per assignment, `name = value`")
-            continue
-        key = targets[0].id
-        try:
-            default = eval(compile(ast.Expression(value), "<parameters>", "eval"),
-                           {"__builtins__": {}}, {})
-        except Exception:
-            errors.append(f"line {line}: the default of '{key}' must be a literal, got "
-                          f"`{ast.get_source_segment(source, value)}`; derive values in a later cell")
-            continue
-        help_text = " ".join(comments[i] for i in range(line, stmt.end_lineno + 1) if i in comments)
-        bounds, choices = _parse_constraint(help_text)
-        p = Parameter(key, default, help_text, bounds)
-        if choices is not None:  # read as YAML unless the parameter holds strings
-            strings = p.type is str or (p.type is list and p.item_type is str)
-            choices = tuple(c if strings else _yaml(c) for c in choices)
-            p = Parameter(key, default, help_text, bounds, choices)
-        numeric = p.type in (int, float) or (p.type is list and p.item_type in (int, float, None))
-        if bounds and not numeric and p.type is not None:
-            errors.append(f"'{key}': bounds {_bounds_str(bounds)} on a {p.type_name} parameter")
-        params[key] = p
-    if errors:
-        raise RunnerError(f"{name}: bad parameters cell:\n  " + "\n  ".join(errors))
-    return params
-
-
-def _bounds_str(bounds) -> str:
-    return "(" + ", ".join(f"{op} {_num(v)}" for op, v in bounds) + ")"
-
-
-def _num(v: float):
-    return int(v) if float(v).is_integer() else v
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def _check_type(p: Parameter, value: Any) -> tuple[Any, str | None]:
-    """Returns `(converted value, error message or None)`."""
-    t = p.type
-    if t is None:
-        return value, None
-
-    def one(v, t):
-        if t is float and isinstance(v, int) and not isinstance(v, bool):
-            return float(v), True
-        if t in (int, float) and isinstance(v, bool):
-            return v, False
-        return v, isinstance(v, t)
-
-    if t is list:
-        if isinstance(value, tuple):
-            value = list(value)
-        if not isinstance(value, list):
-            return value, f"expects {p.type_name}, got {_describe(value)}"
-        it = p.item_type
-        if it is None:
-            return value, None
-        out = []
-        for v in value:
-            v, ok = one(v, it)
-            if not ok:
-                return value, f"expects {p.type_name}, got an element {_describe(v)}"
-            out.append(v)
-        return out, None
-    value2, ok = one(value, t)
-    if not ok:
-        hint = ""
-        if t is str:
-            hint = " (quote it in YAML)"
-        return value, f"expects {p.type_name}, got {_describe(value)}{hint}"
-    return value2, None
-
-
-def _describe(v: Any) -> str:
-    return f"{type(v).__name__} {v!r}"
-
-
-def _check_constraint(p: Parameter, value: Any) -> str | None:
-    items = value if isinstance(value, list) else [value]
-    for v in items:
-        if p.bounds and isinstance(v, (int, float)) and not isinstance(v, bool):
-            for op, bound in p.bounds:
-                if not _OPS[op](float(v), bound):
-                    what = f"element {v!r}" if isinstance(value, list) else f"{v!r}"
-                    return f"{what} violates {_bounds_str(p.bounds)}"
-        if p.choices is not None and v not in p.choices:
-            what = f"element {v!r}" if isinstance(value, list) else f"{v!r}"
-            return f"{what} is not one of: {', '.join(map(str, p.choices))}"
-    return None
-
-
-def _unknown(key: str, params: dict[str, Parameter], nb_name: str, origin: str) -> str:
-    close = difflib.get_close_matches(key, list(params), n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return (f"unknown parameter '{key}' ({origin}){hint}; {nb_name} has: "
-            f"{', '.join(params) or '(none)'}")
-
-
-def validate(params: dict[str, Parameter], layers, nb_name: str = "notebook"):
-    """Merges override layers over the defaults and checks every value.
-
-    **Arguments:**
-
-    - `params`: the notebook's parameters (`notebook_parameters`).
-    - `layers`: `[(origin, {key: value}, raw)]`, applied in order; `origin` names the layer in
-      messages (`"params/02/ci.yaml"`, `"-p"`); `raw` is `{key: text}` for command-line
-      values (a `str` parameter takes the text verbatim) or `None`.
-
-    **Returns:** `(values, origins)`: the resolved `{name: value}` in declaration order
-    (reserved names such as `out_dir` left out), and where each came from. Raises
-    `RunnerError` listing every problem.
-    """
-    params = {k: p for k, p in params.items() if k not in RESERVED}
-    values = {k: p.default for k, p in params.items()}
-    origins = {k: "default" for k in params}
-    errors = []
-    for origin, layer, raw in layers:
-        for key, value in layer.items():
-            if key in RESERVED:
-                errors.append(f"'{key}' ({origin}) is set by the runner: use --out DIR")
-                continue
-            if key not in params:
-                errors.append(_unknown(key, params, nb_name, origin))
-                continue
-            if raw is not None and params[key].type is str and not isinstance(value, str):
-                value = raw[key]
-            values[key], origins[key] = value, origin
-    for key, p in params.items():
-        value, err = _check_type(p, values[key])
-        if err is None:
-            values[key] = value
-            err = _check_constraint(p, value)
-            kind = "impossible value"
-        else:
-            kind = "wrong type"
-        if err is not None:
-            errors.append(f"{kind} for '{key}' ({origins[key]}): {err}")
-    if len(errors) > 1:
-        raise RunnerError(f"{len(errors)} problems:\n  " + "\n  ".join(errors))
-    if errors:
-        raise RunnerError(errors[0])
-    return values, origins
 
 
 # --------------------------------------------------------------------------- files
@@ -428,8 +133,18 @@ def find_root(start: Path | None = None) -> Path:
     for d in (start, *start.parents):
         if (d / "notebooks").is_dir() and (d / "pyproject.toml").is_file():
             return d
-    pkg_root = Path(__file__).resolve().parents[1]
+    pkg_root = Path(__file__).resolve().parents[2]
     return pkg_root if (pkg_root / "notebooks").is_dir() else start
+
+
+def repo_path(path: str | Path) -> Path:
+    """A data path from a parameter: absolute as given, else relative to the repository root.
+
+    `diem-run` executes notebooks in the repository root and JupyterLab in `notebooks/`; this
+    makes a parameter such as `data/cifar10` mean the same file in both.
+    """
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else find_root() / path
 
 
 def list_notebooks(root: Path) -> list[Path]:
@@ -474,7 +189,7 @@ def params_file(stem: str, profile: str, root: Path) -> Path:
 def read_params_file(path: Path) -> dict[str, Any]:
     """Reads a flat YAML mapping of parameter values (empty file: `{}`)."""
     try:
-        data = _yaml(Path(path).read_text())
+        data = yaml_value(Path(path).read_text())
     except yaml.YAMLError as e:
         raise RunnerError(f"params file {path} is not valid YAML: {e}") from None
     if data is None:
@@ -508,6 +223,7 @@ class Plan:
     out_dir: Path
     root: Path
     sources: list[str]
+    run_name: str = "default"  # the profile, else the params file's stem, else "default"
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -546,7 +262,7 @@ def resolve(name: str, profile: str | None = DEFAULT_PROFILE, overrides=(),
     cli, raw = {}, {}
     for key, text in overrides:
         try:
-            cli[key] = _yaml(text) if text.strip() else text
+            cli[key] = yaml_value(text) if text.strip() else text
         except yaml.YAMLError:
             cli[key] = text
         raw[key] = text
@@ -556,7 +272,7 @@ def resolve(name: str, profile: str | None = DEFAULT_PROFILE, overrides=(),
     values, origins = validate(params, layers, stem)
     run_name = profile or (params_path.stem if params_path is not None else "default")
     out_dir = Path(out) if out else root / "outputs" / stem / run_name
-    return Plan(notebook, nb, values, origins, out_dir.resolve(), root, sources)
+    return Plan(notebook, nb, values, origins, out_dir.resolve(), root, sources, run_name)
 
 
 def _dump_params(plan: Plan) -> str:
@@ -598,33 +314,51 @@ def run(plan: Plan, progress: bool = True, log_output: bool = True) -> Path:
     papermill.execute_notebook(
         plan.nb, str(output), parameters=parameters, kernel_name=KERNEL, language="python",
         cwd=str(plan.root), progress_bar=progress, log_output=log_output,
+        kernel_manager_class=_kernel_manager_class(),
     )
+    note = PROFILE_NOTES.get(plan.run_name)
+    if note and (plan.out_dir / "metrics.json").is_file():
+        write_metrics(plan.out_dir, profile=plan.run_name, profile_note=note)
     return output
 
 
-def write_metrics(out_dir, metrics: dict | None = None, **more) -> dict:
-    """Merges numbers into `<out_dir>/metrics.json` and returns the whole file's content.
+@functools.cache
+def _kernel_manager_class():
+    """The kernel manager of headless runs: quiet on a successful run.
 
-    Arrays and numpy/JAX scalars become (nested lists of) Python numbers; non-finite floats
-    are written as strings (`"nan"`, `"inf"`) so that the file stays valid JSON.
+    - **Transport.** ipykernel >= 7 warns at every start of a kernel over plain TCP ("Kernel is
+      running over TCP without encryption"). The kernel's sockets are CurveZMQ-encrypted when
+      libzmq has CURVE (jupyter_client provisions the keys for a kernelspec that declares
+      `supported_encryption: curve`, as ipykernel's does), else IPC sockets (POSIX).
+    - **Shutdown.** jupyter_client sends SIGINT before its shutdown request. A finished
+      notebook's kernel has nothing to interrupt, but a SIGINT that lands while it is still in
+      the handler of papermill's last request (kernel_info) is logged by the kernel as
+      "KeyboardInterrupt caught in kernel". The shutdown request alone stops it; a kernel that
+      does not stop is still terminated, then killed, by jupyter_client.
     """
-    path = Path(out_dir) / "metrics.json"
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    data.update(_jsonable({**(metrics or {}), **more}))
-    atomic_write_json(path, data)
-    return data
+    import zmq
+    from jupyter_client.manager import AsyncKernelManager
+    from jupyter_core.paths import jupyter_runtime_dir
 
+    curve = zmq.has("curve") and "transport_encryption" in AsyncKernelManager.class_trait_names()
 
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if hasattr(x, "tolist"):
-        return _jsonable(x.tolist())
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    return x
+    class HeadlessKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs):
+            if curve:
+                kwargs.setdefault("transport_encryption", "auto")
+            elif os.name == "posix":
+                kwargs.setdefault("transport", "ipc")
+                runtime = Path(jupyter_runtime_dir())
+                runtime.mkdir(parents=True, exist_ok=True)
+                kwargs.setdefault("ip", str(runtime / f"diem-kernel-{os.getpid()}-{id(self):x}"))
+            super().__init__(**kwargs)
+
+        async def _async_interrupt_kernel(self):
+            if self.shutting_down:
+                return
+            await super()._async_interrupt_kernel()
+
+    return HeadlessKernelManager
 
 
 # --------------------------------------------------------------------------- command line
@@ -639,8 +373,27 @@ def _format_parameters(stem: str, params: dict[str, Parameter], root: Path) -> s
     return "\n".join(lines)
 
 
+# A `-p` VALUE such as -1e-4 or -.inf is a value, not an option: argparse (before Python 3.13)
+# takes only -1 and -0.5 for negative numbers.
+_NEGATIVE_NUMBER = re.compile(
+    r"^-(?:(?:\d[\d_]*(?:\.[\d_]*)?|\.\d[\d_]*)(?:[eE][-+]?\d+)?|\.?(?:inf|Inf|INF))$"
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = _NEGATIVE_NUMBER
+
+    def error(self, message):
+        if "-p/--parameter" in message:
+            message += (" (-p KEY VALUE: a VALUE that starts with '-' must be a number, "
+                        "e.g. -p var_y -1e-4; put a list in brackets, e.g. -p laps '[-1, 2]')")
+        super().error(message)
+
+
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = _Parser(
         prog="diem-run",
         description="Run a workbook notebook (notebooks/NB.py) with papermill, parameters = "
                     "notebook defaults <- params/NB/PROFILE.yaml <- -p overrides.",
@@ -707,7 +460,11 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     from papermill.exceptions import PapermillExecutionError
 
+    note = PROFILE_NOTES.get(plan.run_name)
+    note = f"diem-run: {plan.run_name}: {note}" if note else None
     print(f"diem-run: {plan.notebook.stem} -> {plan.out_dir}", file=sys.stderr)
+    if note:
+        print(note, file=sys.stderr)
     try:
         output = run(plan, progress=not args.no_progress)
     except PapermillExecutionError as e:
@@ -716,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     print(f"diem-run: done: {output}", file=sys.stderr)
+    if note:
+        print(note, file=sys.stderr)
     return 0
 
 

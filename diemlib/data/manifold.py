@@ -37,7 +37,7 @@ class RandomManifold(eqx.Module):
 def random_manifold(
     key: PRNGKeyArray, n: int = 5, m: int = 1, alpha: float = 3.0, epsilon: float = 1e-3
 ) -> RandomManifold:
-    """Draws a manifold of dimension `m` in $\\mathbb{R}^n$ (experiments.md §01: $K = 10$)."""
+    """Draws a manifold of dimension `m` in $\\mathbb{R}^n$ (paper §5.1: $K = 10$)."""
     cutoff = math.ceil(epsilon ** (-1 / alpha))
     a, b, c = jax.random.uniform(key, (3, n, m, cutoff))
     return RandomManifold(a, b, c, alpha)

@@ -1,4 +1,4 @@
-r"""Probabilistic PCA: the Gaussian M-step of DiEM (method.md §4.2).
+r"""Probabilistic PCA: the M-step of DiEM's initial Gaussian prior (docs/method.md, 'PPCA').
 
 On samples $x_1, \dots, x_N \in \mathbb{R}^d$: $\mu$ is the mean; $C = X^\top X / N$ is the
 covariance of the centred samples with top-$r$ eigenpairs $(L_j, Q_j)$;
@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jax.experimental.sparse.linalg import lobpcg_standard
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .gaussian import DPLR
+from .dplr import DPLR
 
 
 def top_eigenpairs(

@@ -2,16 +2,30 @@ r"""Linear observation operators $A$ as equinox modules, one per observation.
 
 An operator maps one sample $x$ to one observation $A x$. A batch of observations is one module
 whose array leaves carry a leading batch axis (vmapped with the samples). The adjoint $A^\top$ is
-never written by hand: [`LinearOperator.T`][] is `jax.linear_transpose` of $A$. Mask *generators*
+never written by hand: [`adjoint`][] transposes any linear callable with `jax.linear_transpose`;
+[`LinearOperator.T`][] and MMPS both use it. Mask *generators*
 (e.g. [`kspace_mask`][]) are functions, separate from the operators that apply them.
 """
 
 import math
+from collections.abc import Callable
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Bool, Float, PRNGKeyArray
+
+
+def adjoint(A: Callable[[Array], Array], like) -> Callable[[Array], Array]:
+    r"""The adjoint $v \mapsto A^\top v$ of a linear callable $A$, by `jax.linear_transpose`.
+
+    `like` fixes the input space: an array (or a tracer, or a `jax.ShapeDtypeStruct`) with the
+    shape and dtype of what $A$ takes. $A$ is traced once, here; the returned closure can be
+    called many times (MMPS calls it inside every solver iteration). $A$ may be one operator
+    on one sample, or any linear map, e.g. a batch of operators applied to a batch of samples.
+    """
+    transpose = jax.linear_transpose(A, jax.ShapeDtypeStruct(like.shape, like.dtype))
+    return lambda v: transpose(v)[0]
 
 
 class LinearOperator(eqx.Module):
@@ -21,8 +35,9 @@ class LinearOperator(eqx.Module):
         raise NotImplementedError
 
     def T(self, y: Array, like: Array) -> Array:
-        """The adjoint $A^\\top y$; `like` is a sample (or its shape/dtype) fixing the input space."""
-        return jax.linear_transpose(self, jax.ShapeDtypeStruct(like.shape, like.dtype))(y)[0]
+        """The adjoint $A^\\top y$ ([`adjoint`][]); `like` is a sample (or its shape and dtype) fixing
+        the input space."""
+        return adjoint(self, like)(y)
 
 
 class Matrix(LinearOperator):
@@ -59,18 +74,18 @@ class MaskedFFT(LinearOperator):
 
 
 def random_projection(key: PRNGKeyArray, m: int, d: int) -> Matrix:
-    """A matrix with i.i.d. normal entries and rows normalised to unit norm (manifold, experiments.md §01)."""
+    """A matrix with i.i.d. normal entries and rows normalised to unit norm (manifold, paper §5.1)."""
     a = jax.random.normal(key, (m, d))
     return Matrix(a / jnp.linalg.norm(a, axis=-1, keepdims=True))
 
 
 def pixel_mask(key: PRNGKeyArray, shape: tuple[int, int], rho: float) -> Float[Array, "H W"]:
-    """Keeps every pixel with probability $1 - \\rho$ (CIFAR, experiments.md §03)."""
+    """Keeps every pixel with probability $1 - \\rho$ (corrupted CIFAR-10, paper §5.2)."""
     return jax.random.bernoulli(key, 1 - rho, shape).astype(float)
 
 
 def kspace_mask(key: PRNGKeyArray, acceleration: float, size: int = 320) -> Bool[Array, " size"]:
-    r"""A random column mask at acceleration $R$ (fastMRI, experiments.md §04).
+    r"""A random column mask at acceleration $R$ (accelerated MRI, paper §5.3).
 
     The centre columns $[c - \lceil 60/R \rceil, c + \lceil 60/R \rceil)$, $c = $ `size // 2`, are
     always on; every column is on with probability $200 / (320 R - 120)$ (for `size = 320`: about
@@ -88,6 +103,28 @@ def broadcast(operator: LinearOperator, batch: int) -> LinearOperator:
     return jax.tree.map(lambda a: jnp.broadcast_to(a, (batch,) + a.shape), operator)
 
 
+def take(operator: LinearOperator, index) -> LinearOperator:
+    """The operators `operator[index]` of a batch of operators (an index, a slice or an index array)."""
+    return jax.tree.map(lambda a: a[index], operator)
+
+
 def apply(operator: LinearOperator, x: Float[Array, "B ..."]) -> Array:
     """Applies a batch of operators to a batch of samples."""
     return jax.vmap(lambda a, xi: a(xi))(operator, x)
+
+
+def simulate_observations(key: PRNGKeyArray, A, x: Array, var_y) -> Array:
+    r"""$y = A_i x_i + \eta_i$, $\eta_i \sim \mathcal{N}(0, \Sigma_y)$, for a batch of operators and latents."""
+    y = apply(A, x)
+    return y + jnp.sqrt(jnp.asarray(var_y, y.dtype)) * jax.random.normal(key, y.shape, y.dtype)
+
+
+def log_likelihood(A: LinearOperator, x: Array, y: Array, var_y: ArrayLike) -> Float[Array, ""]:
+    r"""$\log p(y \mid x) = \log \mathcal{N}(y \mid A x, \Sigma_y)$ for one operator and one sample.
+
+    The density of the model [`simulate_observations`][] draws from; $\Sigma_y$ is diagonal,
+    `var_y` a scalar or an array broadcastable to `y`. Vmap it over samples (and operators).
+    """
+    residual = y - A(x)
+    var = jnp.broadcast_to(jnp.asarray(var_y, residual.dtype), residual.shape)
+    return -0.5 * (jnp.sum(residual**2 / var) + jnp.sum(jnp.log(2 * jnp.pi * var)))

@@ -2,14 +2,15 @@ r"""MMPS: moment matching posterior sampling, a posterior denoiser for linear-Ga
 
 For $y = A x + \eta$, $\eta \sim \mathcal{N}(0, \Sigma_y)$, approximate the denoising posterior by
 $q(x \mid x_t) = \mathcal{N}(\hat{x}, V)$ with $\hat{x} = D(x_t, \sigma)$ and Tweedie's covariance
-$V = \sigma^2 J$, $J = \partial \hat{x} / \partial x_t$. Then (method.md §3.1)
+$V = \sigma^2 J$, $J = \partial \hat{x} / \partial x_t$. Then (paper §4)
 
 $$\mathbb{E}[x \mid x_t, y] \approx \hat{x} + \sigma^2 J^\top A^\top v, \qquad
 (\Sigma_y + A V A^\top) \, v = y - A \hat{x}.$$
 
-Per call (method.md §3.2): one VJP gives $\hat{x}$ and the closure $u \mapsto J^\top u$, reused for
-every product; $A^\top$ is `jax.linear_transpose` of $A$; the system is solved matrix-free by a
-Krylov solver. With $k$ solver iterations the cost is one forward pass and $k + 1$ VJPs.
+Per call (docs/method.md, 'MMPS'): one VJP gives $\hat{x}$ and the closure $u \mapsto J^\top u$,
+reused for every product; $A^\top$ is the [`adjoint`][] of $A$ (`jax.linear_transpose`, traced
+once); the system is solved matrix-free by a Krylov solver. With $k$ solver iterations the cost
+is one forward pass and $k + 1$ VJPs.
 """
 
 import abc
@@ -21,14 +22,15 @@ import jax.numpy as jnp
 import lineax as lx
 from jaxtyping import Array, ArrayLike, Float
 
-from .denoiser import broadcast_sigma
-from .gaussian import DPLR
-from .operators import LinearOperator, apply
-from .solvers import CG
+from ..diffusion.denoiser import broadcast_sigma
+from ..linalg.dplr import DPLR
+from .operators import LinearOperator, adjoint, apply
+from ..linalg.solvers import CG
 
 
 class Covariance(eqx.Module):
-    """A choice of the covariance $V$ of $q(x \\mid x_t)$ inside the solve (method.md §3.4)."""
+    """A choice of the covariance $V$ of $q(x \\mid x_t)$ inside the solve (paper §4.2;
+    docs/method.md, 'Covariance choices')."""
 
     @abc.abstractmethod
     def __call__(self, u: Array, sigma: Array, vjp: Callable[[Array], Array]) -> Array:
@@ -113,7 +115,7 @@ def posterior_mean(
     """
     x_hat, vjp_fn = jax.vjp(denoise, x_t)
     vjp = lambda u: vjp_fn(u)[0]
-    A_T = lambda v: jax.linear_transpose(A, x_t)(v)[0]
+    A_T = adjoint(A, x_t)
 
     def matvec(v):
         return var_y * v + A(cov(A_T(v), sigma, vjp))
@@ -132,7 +134,7 @@ def posterior_mean(
     return x_hat + sigma**2 * vjp(A_T(v)), info
 
 
-class MMPS(eqx.Module):
+class MMPSDenoiser(eqx.Module):
     r"""The MMPS posterior denoiser $\mathbb{E}[x \mid x_t, y]$ wrapping any batched denoiser.
 
     **Arguments:**
@@ -146,7 +148,8 @@ class MMPS(eqx.Module):
     - `solver`: a lineax solver (default [`CG`][] with 3 iterations).
     - `scope`: `"sample"` (default): every sample solves its own system, so results do not depend
       on batch composition or sharding; `"batch"`: one system over the whole batch, with global
-      inner products (the reference's `jax.scipy.sparse.linalg.cg`, method.md §3.3).
+      inner products (the reference's `jax.scipy.sparse.linalg.cg`; docs/method.md, 'Solver
+      semantics').
     """
 
     denoiser: Callable

@@ -1,134 +1,52 @@
-r"""Networks $F_\theta(x, \operatorname{emb})$ of the reference (method.md §1.5).
+r"""The modulated image U-Net of the reference (paper, Appendix D), for CIFAR-10 and fastMRI.
 
-Every network acts on one sample (batching is the caller's `vmap`) and reads the raw noise
-embedding `emb` (method.md §1.3). Layer conventions of the reference, which differ from
-equinox's defaults: Linear and Conv weights $\sim \mathcal{U}(\pm 1/\sqrt{\text{fan\_in}})$ with
-bias $0$; LayerNorm over the channel axis only, without affine parameters.
+Channels first, one sample at a time, reading the raw noise embedding `emb`; blocks start near
+identity. Widths, blocks and attention levels are arguments, so CPU profiles shrink the network
+without another code path.
 """
 
+import abc
 import itertools
-import math
 from collections.abc import Sequence
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PRNGKeyArray, PyTree
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from .layers import LayerNorm, Modulation, conv, linear
 
 
-def _zero_bias(layer):
-    return eqx.tree_at(lambda l: l.bias, layer, jnp.zeros_like(layer.bias))
+class ModulatedBlock(eqx.Module):
+    r"""What every block of the U-Net shares: a modulated branch merged back into its input.
 
-
-def linear(in_features: int, out_features: int, *, key: PRNGKeyArray) -> eqx.nn.Linear:
-    r"""Linear layer with weight $\sim \mathcal{U}(\pm 1/\sqrt{\text{in}})$ and bias $0$."""
-    return _zero_bias(eqx.nn.Linear(in_features, out_features, key=key))
-
-
-def conv(
-    in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, *, key: PRNGKeyArray
-) -> eqx.nn.Conv2d:
-    r"""2-d convolution, 'same' padding, weight $\sim \mathcal{U}(\pm 1/\sqrt{\text{in} \cdot k^2})$
-    and bias $0$; acts on `(C, H, W)`."""
-    layer = eqx.nn.Conv2d(
-        in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2, key=key
-    )
-    return _zero_bias(layer)
-
-
-class LayerNorm(eqx.Module):
-    r"""Layer normalisation over the channel axis (axis 0), without learnable affine.
-
-    $$\operatorname{LN}(x) = \frac{x - \operatorname{mean}_C(x)}{\sqrt{\operatorname{var}_C(x) + \epsilon}}$$
-
-    **Arguments:**
-
-    - `eps`: the $\epsilon$ above.
+    $$(a, b, c) = \text{Modulation}(\operatorname{emb}), \qquad
+    \text{out} = \frac{x + c \odot F(\operatorname{LN}((1 + a) \odot x + b))}{\sqrt{1 + c^2}},$$
+    with the branch $F$ of the subclass ([`ResBlock`][], [`AttBlock`][]). The modulation starts
+    with $c \approx 0$, so every block starts near identity.
     """
 
-    eps: float = eqx.field(static=True, default=1e-5)
-
-    def __call__(self, x: Float[Array, "C ..."]) -> Float[Array, "C ..."]:
-        mean = jnp.mean(x, axis=0, keepdims=True)
-        var = jnp.var(x, axis=0, keepdims=True)
-        return (x - mean) / jnp.sqrt(var + self.eps)
-
-
-class MLP(eqx.Module):
-    r"""Manifold network: $[x, \operatorname{emb}] \to (\text{Linear} \to \text{SiLU} \to
-    \text{LayerNorm})^{\times L} \to \text{Linear}$.
-
-    **Arguments:**
-
-    - `features`: size of $x$ and of the output.
-    - `emb_features`: size of the noise embedding.
-    - `hidden`: width of the hidden layers.
-    - `layers`: number $L$ of hidden layers.
-    - `key`: initialisation key.
-    """
-
-    hidden_layers: list[eqx.nn.Linear]
-    output: eqx.nn.Linear
+    modulation: Modulation
     norm: LayerNorm
 
-    def __init__(
-        self,
-        features: int,
-        *,
-        emb_features: int = 64,
-        hidden: int = 256,
-        layers: int = 3,
-        key: PRNGKeyArray,
-    ):
-        keys = jax.random.split(key, layers + 1)
-        sizes = [features + emb_features] + [hidden] * layers
-        self.hidden_layers = [linear(i, o, key=k) for i, o, k in zip(sizes, sizes[1:], keys)]
-        self.output = linear(hidden, features, key=keys[-1])
-        self.norm = LayerNorm()
+    @abc.abstractmethod
+    def branch(self, h: Float[Array, "C H W"], key: PRNGKeyArray | None) -> Float[Array, "C H W"]:
+        """The branch $F$ on the modulated, normalised input."""
 
     def __call__(
         self,
-        x: Float[Array, " features"],
-        emb: Float[Array, " emb_features"],
+        x: Float[Array, "C H W"],
+        emb: Float[Array, " E"],
         *,
         key: PRNGKeyArray | None = None,
-    ) -> Float[Array, " features"]:
-        """`key` is accepted for a common signature; the MLP has no dropout."""
-        h = jnp.concatenate([x, emb])
-        for layer in self.hidden_layers:
-            h = self.norm(jax.nn.silu(layer(h)))
-        return self.output(h)
+    ) -> Float[Array, "C H W"]:
+        """`key` reaches the branch (dropout is active iff it is given)."""
+        a, b, c = self.modulation(emb)
+        h = self.branch(self.norm((1 + a) * x + b), key)
+        return (x + c * h) / jnp.sqrt(1 + c**2)
 
 
-class Modulation(eqx.Module):
-    r"""Per-block modulation $(a, b, c) = \text{Linear}_2(\text{SiLU}(\text{Linear}_1(\operatorname{emb})))$.
-
-    $\text{Linear}_2$ maps to $3C$ features and its weight is scaled by $0.1$ at
-    initialisation, so that $c \approx 0$ and the block starts near identity.
-
-    **Arguments:**
-
-    - `channels`: number $C$ of channels modulated.
-    - `emb_features`: size of the noise embedding.
-    - `key`: initialisation key.
-    """
-
-    hidden: eqx.nn.Linear
-    output: eqx.nn.Linear
-
-    def __init__(self, channels: int, emb_features: int, *, key: PRNGKeyArray):
-        key_hidden, key_output = jax.random.split(key)
-        self.hidden = linear(emb_features, emb_features, key=key_hidden)
-        output = linear(emb_features, 3 * channels, key=key_output)
-        self.output = eqx.tree_at(lambda l: l.weight, output, 0.1 * output.weight)
-
-    def __call__(self, emb: Float[Array, " E"]) -> tuple[Array, Array, Array]:
-        """Returns $(a, b, c)$, each of shape `(C, 1, 1)` to broadcast over pixels."""
-        abc = self.output(jax.nn.silu(self.hidden(emb)))
-        return tuple(t[:, None, None] for t in jnp.split(abc, 3))
-
-
-class ResBlock(eqx.Module):
+class ResBlock(ModulatedBlock):
     r"""Modulated residual block.
 
     $$h = \text{Conv}(\text{Dropout}(\text{SiLU}(\text{Conv}(\operatorname{LN}((1 + a) \odot x + b))))),
@@ -142,8 +60,6 @@ class ResBlock(eqx.Module):
     - `key`: initialisation key.
     """
 
-    modulation: Modulation
-    norm: LayerNorm
     conv1: eqx.nn.Conv2d
     conv2: eqx.nn.Conv2d
     dropout: eqx.nn.Dropout
@@ -156,22 +72,13 @@ class ResBlock(eqx.Module):
         self.conv2 = conv(channels, channels, key=key2)
         self.dropout = eqx.nn.Dropout(dropout)
 
-    def __call__(
-        self,
-        x: Float[Array, "C H W"],
-        emb: Float[Array, " E"],
-        *,
-        key: PRNGKeyArray | None = None,
-    ) -> Float[Array, "C H W"]:
+    def branch(self, h, key):
         """Dropout is active iff `key` is given."""
-        a, b, c = self.modulation(emb)
-        h = self.norm((1 + a) * x + b)
         h = jax.nn.silu(self.conv1(h))
-        h = self.conv2(self.dropout(h, key=key, inference=key is None))
-        return (x + c * h) / jnp.sqrt(1 + c**2)
+        return self.conv2(self.dropout(h, key=key, inference=key is None))
 
 
-class AttBlock(eqx.Module):
+class AttBlock(ModulatedBlock):
     r"""Modulated multi-head self-attention block over the $H W$ pixels.
 
     $$h = \operatorname{Attention}(\operatorname{LN}((1 + a) \odot x + b)), \qquad
@@ -189,8 +96,6 @@ class AttBlock(eqx.Module):
     - `key`: initialisation key.
     """
 
-    modulation: Modulation
-    norm: LayerNorm
     qkv: eqx.nn.Linear
     out: eqx.nn.Linear
     heads: int = eqx.field(static=True)
@@ -203,22 +108,14 @@ class AttBlock(eqx.Module):
         self.out = eqx.nn.Linear(channels, channels, use_bias=False, key=key_out)
         self.heads = heads
 
-    def __call__(
-        self,
-        x: Float[Array, "C H W"],
-        emb: Float[Array, " E"],
-        *,
-        key: PRNGKeyArray | None = None,
-    ) -> Float[Array, "C H W"]:
+    def branch(self, h, key):
         """`key` is accepted for a common signature; there is no attention dropout."""
-        C, H, W = x.shape
-        a, b, c = self.modulation(emb)
-        tokens = self.norm((1 + a) * x + b).reshape(C, H * W).T
+        C, H, W = h.shape
+        tokens = h.reshape(C, H * W).T
         q, k, v = jnp.split(jax.vmap(self.qkv)(tokens), 3, axis=-1)
         q, k, v = (t.reshape(H * W, self.heads, C // self.heads) for t in (q, k, v))
         h = jax.checkpoint(jax.nn.dot_product_attention)(q, k, v).reshape(H * W, C)
-        h = jax.vmap(self.out)(h).T.reshape(C, H, W)
-        return (x + c * h) / jnp.sqrt(1 + c**2)
+        return jax.vmap(self.out)(h).T.reshape(C, H, W)
 
 
 def pixel_unshuffle(x: Float[Array, "C H W"], r: int) -> Array:
@@ -243,7 +140,7 @@ def _upsample(x: Float[Array, "C H W"]) -> Array:
 
 
 class UNet(eqx.Module):
-    r"""Modulated image U-Net of the reference (method.md §1.5), channels first.
+    r"""Modulated image U-Net of the reference (docs/method.md, 'Networks'), channels first.
 
     Descent, level $i$: $\text{Conv}(C_\text{in} \to C_0)$ at $i = 0$, else
     $\text{Conv}_{\text{stride } 2}(C_{i-1} \to C_i) \to \operatorname{LN}$; then $B_i \times$
@@ -378,11 +275,3 @@ def fastmri_unet(*, key: PRNGKeyArray, **overrides) -> UNet:
     return UNet(1, 1, **(config | overrides), key=key)
 
 
-def count_parameters(module: PyTree) -> int:
-    """Number of floating-point parameters, for arrays or `jax.ShapeDtypeStruct` leaves
-    (as from `eqx.filter_eval_shape`)."""
-    return sum(
-        math.prod(leaf.shape)
-        for leaf in jax.tree.leaves(module)
-        if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.inexact)
-    )

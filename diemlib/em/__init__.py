@@ -1,0 +1,13 @@
+"""Expectation-maximization (paper §3, Algorithm 1): E-step, M-step, the DiEM driver.
+
+`checkpoint`, `sharding` and `training` are the run machinery the driver builds on.
+"""
+
+from .driver import RunConflict, diem, fit_gaussian
+from .estep import EStep, discard_outside, posterior_samples, prior_samples
+from .mstep import MStep, maximize
+
+__all__ = [
+    "EStep", "MStep", "RunConflict", "diem", "discard_outside", "fit_gaussian", "maximize",
+    "posterior_samples", "prior_samples",
+]

@@ -1,0 +1,135 @@
+r"""The E-step of DiEM (Algorithm 1): posterior samples $x_i \sim q_k(x \mid y_i, A_i)$ for every observation.
+
+Each sample is drawn by a diffusion sampler run on the MMPS posterior denoiser (§4), batch by
+batch, each batch sharded over every device. The same machinery draws unconditional samples of
+a prior (for evaluation). Batch $b$ uses the key `fold_in(key, b)`: results do not depend on the
+number of devices.
+"""
+
+import math
+from collections.abc import Callable
+from typing import Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import lineax as lx
+from jaxtyping import Array, PRNGKeyArray
+
+from ..diffusion.samplers import Sampler
+from ..inverse.mmps import MMPSDenoiser, covariance
+from ..inverse.operators import take
+from ..linalg.dplr import DPLR
+from .sharding import shard_batch
+
+
+class EStep(eqx.Module):
+    """How posterior samples are drawn: MMPS inside a sampler.
+
+    **Arguments:**
+
+    - `sampler`: e.g. `PC(schedule, 4096)`.
+    - `solver`: the MMPS solver, e.g. `CG(3)`.
+    - `cov`: the covariance choice by name (docs/method.md, 'Covariance choices'); `prior` uses
+      $q_0$'s covariance.
+    - `scope`: `"sample"` (per-sample solves) or `"batch"` (the reference's global CG).
+    - `batch_size`: observations per batch (a multiple of the number of devices).
+    - `samples_per_observation`: posterior samples per observation (fastMRI: 2).
+    - `bound`: if set, samples outside $(-\text{bound}, \text{bound})^d$ are discarded (the
+      reference does so for the manifold with 3): each is replaced by a valid sample drawn at
+      random, so the M-step, which draws its batches with replacement, sees the valid ones only.
+    """
+
+    sampler: Sampler
+    solver: lx.AbstractLinearSolver
+    cov: str = eqx.field(static=True, default="tweedie")
+    scope: Literal["sample", "batch"] = eqx.field(static=True, default="sample")
+    batch_size: int = eqx.field(static=True, default=1024)
+    samples_per_observation: int = eqx.field(static=True, default=1)
+    bound: float | None = eqx.field(static=True, default=None)
+
+
+@eqx.filter_jit
+def _sample_batch(key, denoiser, A, y, var_y, estep, prior_cov, mean, event_shape):
+    posterior = MMPSDenoiser(denoiser, A, y, var_y, covariance(estep.cov, prior_cov), estep.solver, estep.scope)
+    shape = (y.shape[0], *event_shape)
+    return estep.sampler(posterior, shape, key, mean=mean, dtype=y.dtype, return_info=True)
+
+
+def posterior_samples(
+    key: PRNGKeyArray,
+    denoiser: Callable,
+    A,
+    y: Array,
+    var_y,
+    estep: EStep,
+    *,
+    event_shape: tuple[int, ...],
+    mean=0.0,
+    prior_cov: DPLR | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[Array, dict]:
+    r"""The E-step: `samples_per_observation` samples $x \sim q(x \mid y_i, A_i)$ for every $i$.
+
+    Observations are processed `estep.batch_size` at a time, each batch sharded over all devices;
+    batch $b$ uses the key `fold_in(key, b)`. The last batch is padded with repeated observations
+    (dropped from the samples, counted in the averaged diagnostics); with `scope="batch"` the
+    padding rows also enter that batch's shared CG coefficients.
+
+    **Returns:** samples of shape `(N * samples_per_observation, *event_shape)` (the samples of
+    observation $i$ are rows $iS, \dots, iS + S - 1$) and the solver diagnostics averaged over
+    steps and samples (`residual`, `iterations`).
+    """
+    repeats = estep.samples_per_observation
+    index = jnp.repeat(jnp.arange(y.shape[0]), repeats)
+    total, size = index.size, estep.batch_size
+    batches = math.ceil(total / size)
+    index = jnp.resize(index, batches * size)  # pad the last batch (cyclically: any N)
+    samples, infos = [], []
+    for b in range(batches):
+        rows = index[b * size : (b + 1) * size]
+        A_b, y_b = shard_batch((take(A, rows), y[rows]))
+        x, info = _sample_batch(
+            jax.random.fold_in(key, b), denoiser, A_b, y_b, var_y, estep, prior_cov, mean, event_shape
+        )
+        samples.append(x)
+        infos.append(info)
+        if progress is not None:
+            progress(f"E-step batch {b + 1}/{batches}")
+    info = {name: float(jnp.mean(jnp.stack([i[name] for i in infos]))) for name in infos[0]}
+    samples = jnp.concatenate(samples)[:total]
+    if estep.bound is not None:
+        samples, info["discarded"] = discard_outside(jax.random.fold_in(key, batches), samples, estep.bound)
+    return samples, info
+
+
+def discard_outside(key: PRNGKeyArray, samples: Array, bound: float) -> tuple[Array, float]:
+    """Replaces the samples outside $(-\text{bound}, \text{bound})^d$ by valid ones drawn at random.
+
+    **Returns:** the samples and the fraction replaced.
+    """
+    flat = samples.reshape(samples.shape[0], -1)
+    valid = jnp.all(jnp.abs(flat) < bound, axis=1)
+    if not jnp.any(valid):
+        raise FloatingPointError(f"every posterior sample lies outside (-{bound}, {bound})^d")
+    donors = jax.random.choice(key, samples.shape[0], (samples.shape[0],), p=valid / jnp.sum(valid))
+    kept = jnp.where(valid.reshape((-1,) + (1,) * (samples.ndim - 1)), samples, samples[donors])
+    return kept, float(1 - jnp.mean(valid))
+
+
+def prior_samples(
+    key: PRNGKeyArray, model, sampler: Sampler, count: int, *, event_shape, mean=0.0, batch_size=None
+) -> Array:
+    """Unconditional samples of a denoiser's prior, `batch_size` at a time (batch `b`: `fold_in(key, b)`)."""
+    batch_size = batch_size or count
+    shape = (batch_size, *event_shape)
+    batches = [
+        _prior_batch(jax.random.fold_in(key, b), model, sampler, mean, shape)
+        for b in range(math.ceil(count / batch_size))
+    ]
+    return jnp.concatenate(batches)[:count]
+
+
+@eqx.filter_jit
+def _prior_batch(key, model, sampler, mean, shape):
+    return sampler(model, shape, key, mean=mean)
