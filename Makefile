@@ -1,12 +1,20 @@
-# The workbook's commands. On a fresh machine with Python 3.11 and pip, `make run` or
-# `make test` first creates .venv and installs the project into it (once: the stamp
+# The workbook's commands (README.md says more). On a fresh machine with Python 3.11 and pip,
+# the first `make` creates .venv and installs the project into it (once: the stamp
 # .venv/.installed is redone only when pyproject.toml changes).
 #
-#   make run                     every notebook at PROFILE (default laptop) -> outputs/
-#   make test                    pytest (TEST_ARGS="-m 'not slow'" skips the notebook runs)
-#   make notebook NB=02 PROFILE=ci ARGS="-p n_seeds 4"
+#   make run PROFILE=ci          start here: every notebook as a smoke test, {CI_PER_NB} each
+#                                on 2 CPU cores (numbers are noise) -> outputs/NB/ci/
+#   make lab                     JupyterLab on 127.0.0.1:8888, notebooks/*.py open as notebooks;
+#                                Run All uses the defaults: a few minutes each on a laptop CPU
+#                                (LAB_PORT=8890, LAB_IP=0.0.0.0, LAB_ARGS=...; over SSH: README)
+#   make run                     every notebook at PROFILE=laptop (default): about 35 minutes
+#   make run PROFILE=paper       the paper's configuration, for GPU nodes
+#   make test                    pytest, {N_TESTS} tests (TEST_ARGS="-m 'not slow'" skips the
+#                                notebook runs and the browser check)
+#   make notebook NB=02 PROFILE=ci ARGS="-p seeds 4"
 #   make params NB=02            a notebook's parameters, defaults and help
-#   make bench | sync | lab | env | clean-env
+#   make check-lab               headless Chromium: every notebooks/*.py opens as a notebook
+#   make bench | sync | env | clean-env
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c

@@ -19,6 +19,14 @@
 # *Rozet, Andry, Lanusse & Louppe, Learning Diffusion Priors from Observations by
 # Expectation Maximization (NeurIPS 2024), §5.1 and Fig. 3.*
 #
+# **Scale.** The defaults below are the quick interactive scale, what Run All does: a few minutes
+# on a laptop CPU (2048 observations, 3 laps of 1024 Adam steps), enough to watch the prior leave
+# the Gaussian blob, with rough numbers. `diem-run 01 --profile laptop` (about 15 minutes on
+# 2 CPU cores, 16 laps) shows the effect clearly; `--profile paper` is the paper's configuration
+# for a GPU node (`params/01_manifold/paper.yaml`: 65 536 observations, 32 laps of 65 536 steps);
+# `--profile ci` is a smoke test whose numbers are noise. To use a profile in JupyterLab, copy its
+# values into the parameters cell.
+#
 # We never see the latent $x \in \mathbb{R}^5$: only $y_i = A_i x_i + \eta_i$, random 2-D
 # projections with noise $\eta_i \sim \mathcal{N}(0, 10^{-4} I)$. Empirical Bayes asks for the
 # prior $q_\theta(x)$ under which the observations are most likely,
@@ -40,32 +48,32 @@ _before_parameters = set(globals())
 # %% tags=["parameters"]
 seed = 0  # the run's seed: every key is fold_in(seed, ...)
 dimension = 5  # latent dimension n (> 0)
-observations = 65536  # number N of observations y_i = A_i x_i + eta_i (> 0)
+observations = 2048  # number N of observations y_i = A_i x_i + eta_i (> 0)
 projection = 2  # rows of each A_i (> 0)
 var_y = 1e-4  # observation noise variance Sigma_y (> 0)
 sigma_max = 10.0  # sigma_1 of the noise schedule (> 0)
-gaussian_iterations = 16  # EM iterations of the Gaussian q0 (>= 0)
-gaussian_steps = 256  # DDIM steps of the q0 E-step (> 0)
+gaussian_iterations = 4  # EM iterations of the Gaussian q0 (>= 0)
+gaussian_steps = 64  # DDIM steps of the q0 E-step (> 0)
 gaussian_rtol = 1e-3  # CG relative tolerance of the q0 E-step (>= 0)
 sampler = "pc"  # E-step sampler; one of: pc, ddpm, ddim
-estep_steps = 4096  # E-step sampler steps (> 0)
+estep_steps = 64  # E-step sampler steps (> 0)
 covariance = "tweedie"  # V[x | x_t] inside MMPS; one of: tweedie, prior, sigma, sigma_over_1p, zero
-solver = "cg"  # MMPS solver; one of: cg, gmres, bicgstab
+solver = "gmres"  # MMPS solver; one of: cg, gmres, bicgstab
 solver_iterations = 3  # solver iterations per MMPS call (> 0)
 solver_rtol = 0.0  # solver relative tolerance; 0 runs exactly solver_iterations (>= 0)
 scope = "sample"  # solves per sample or over the batch (the reference); one of: sample, batch
-estep_batch = 8192  # observations per E-step batch (> 0)
-bound = 0.0  # discard posterior samples outside (-bound, bound)^n, as the reference does with 3; 0 keeps all (>= 0)
-hidden = 256  # width of the MLP (> 0)
-mstep_steps = 65536  # Adam steps per lap (> 0)
+estep_batch = 2048  # observations per E-step batch (> 0)
+bound = 3.0  # discard posterior samples outside (-bound, bound)^n, as the reference does with 3; 0 keeps all (>= 0)
+hidden = 128  # width of the MLP (> 0)
+mstep_steps = 1024  # Adam steps per lap (> 0)
 mstep_batch = 1024  # examples per Adam step (> 0)
 learning_rate = 1e-3  # initial learning rate, decays linearly each lap (> 0)
 final_learning_rate = 1e-6  # learning rate at the end of each lap (>= 0)
-laps = 32  # EM laps (> 0)
-eval_samples = 16384  # prior samples per evaluation and per ground-truth set (> 0)
-eval_steps = 4096  # sampler steps of the evaluation's prior samples (> 0)
+laps = 3  # EM laps (> 0)
+eval_samples = 1024  # prior samples per evaluation and per ground-truth set (> 0)
+eval_steps = 64  # sampler steps of the evaluation's prior samples (> 0)
 sinkhorn_max_iter = 1024  # Sinkhorn iterations (> 0)
-corner_laps = [0, 1, 3, 7, 15, 31]  # laps drawn as corner plots (>= 0)
+corner_laps = [0, 1, 2]  # laps drawn as corner plots (>= 0)
 overwrite = False  # start afresh if out_dir holds a run with other parameters
 out_dir = "../outputs/01_manifold/interactive"  # where figures, metrics.json and checkpoints go (set by diem-run)
 
@@ -132,11 +140,11 @@ corner(truth[:eval_samples], title="ground truth (never observed)");
 # (\Sigma_y + \sigma^2 A J A^\top)\, v = y - A \hat{x},$$
 #
 # solved matrix-free with a few Krylov iterations: each costs one VJP of the network.
-# Conjugate gradients (the paper's choice, the default here) need $\Sigma_y + \sigma^2 A J A^\top$
+# Conjugate gradients (the paper's choice, and the `paper` profile's) need $\Sigma_y + \sigma^2 A J A^\top$
 # symmetric positive definite, which holds for the exact denoiser but not for a network trained
-# briefly: on the CPU profiles CG diverged at lap 1 (relative residual ≈ 36), so they use GMRES,
-# which the author recommends when the denoiser is not optimal. Like the reference, those
-# profiles also discard posterior samples outside $(-3, 3)^5$ (`bound`).
+# briefly: at CPU scales CG diverged at lap 1 (relative residual ≈ 36), so the defaults and the
+# `ci` and `laptop` profiles use GMRES, which the author recommends when the denoiser is not
+# optimal. Like the reference, they also discard posterior samples outside $(-3, 3)^5$ (`bound`).
 #
 # ## Step 0: a Gaussian prior $q_0$
 #

@@ -19,6 +19,14 @@
 # *Rozet, Andry, Lanusse & Louppe, Learning Diffusion Priors from Observations by
 # Expectation Maximization (NeurIPS 2024), §4.2, Figs. 1 and 2.*
 #
+# **Scale.** The defaults below are the quick interactive scale, what Run All does: a few minutes
+# on a laptop CPU (3 experiments, 512-sample Sinkhorn numbers), rough medians that already put
+# Tweedie's covariance ahead at most noise levels. `diem-run 02 --profile laptop` (about
+# 20 minutes on 2 CPU cores, 16 experiments) is steadier; `--profile paper` is the paper's
+# configuration for a GPU node (`params/02_tweedie_covariance/paper.yaml`: 64 experiments, 2^20
+# prior samples, 16 384-sample Sinkhorn numbers); `--profile ci` is a smoke test whose numbers
+# are noise. To use a profile in JupyterLab, copy its values into the parameters cell.
+#
 # To sample a posterior $p(x \mid y)$ with a diffusion prior, a sampler needs the score of the
 # noised posterior,
 #
@@ -60,21 +68,21 @@ _before_parameters = set(globals())
 
 # %% tags=["parameters"]
 seed = 0  # the run's seed: every key is fold_in(seed, ...) (>= 0)
-seeds = 64  # independent experiments (manifold, W, y, samples) behind each curve of Fig. 2 (> 0)
+seeds = 3  # independent experiments (manifold, W, y, samples) behind each curve of Fig. 2 (> 0)
 n = 3  # dimension of the space around the 1-D manifold (> 1)
 components = 256  # Gaussians in the mixture prior (> 0)
 std = 0.01  # standard deviation of every mixture component (> 0)
 var_y = 1e-4  # observation noise variance Sigma_y (> 0)
-prior_samples = 2**20  # prior samples importance-resampled into posteriors (> 0)
-divergence_samples = 16384  # samples per set in each Sinkhorn number (> 0)
+prior_samples = 2**15  # prior samples importance-resampled into posteriors (> 0)
+divergence_samples = 512  # samples per set in each Sinkhorn number (> 0)
 sigmas = [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0]  # noise levels sigma_t of Fig. 2 (> 0)
 choices = ["zero", "sigma", "prior", "tweedie"]  # covariance choices compared; one of: zero, sigma, sigma_over_1p, prior, tweedie
 helix_sigma = 0.25  # noise level sigma_t of Fig. 1 (> 0)
-helix_samples = 65536  # samples per scatter of Fig. 1 (> 0)
+helix_samples = 8192  # samples per scatter of Fig. 1 (> 0)
 sinkhorn_reg = 1e-3  # entropic regularisation lambda of the Sinkhorn number (> 0)
 sinkhorn_max_iter = 1024  # Sinkhorn iterations at most (> 0)
 sinkhorn_stop = 1e-3  # Sinkhorn stopping threshold on the marginal error (> 0)
-sinkhorn_dtype = "float64"  # dtype of the Sinkhorn iterations (float32: 2-4x faster on CPU); one of: float32, float64
+sinkhorn_dtype = "float32"  # dtype of the Sinkhorn iterations (float32: 2-4x faster on CPU); one of: float32, float64
 chunk = 8192  # noised prior samples weighted at once, bounds the memory (> 0)
 out_dir = "../outputs/02_tweedie_covariance/interactive"  # where figures and metrics.json go (set by diem-run)
 

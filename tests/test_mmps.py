@@ -10,7 +10,7 @@ import pytest
 from diemlib.diffusion.gaussian import GaussianDenoiser
 from diemlib.linalg.dplr import DPLR
 from diemlib.inverse.mmps import MMPSDenoiser, Prior, Tweedie, covariance
-from diemlib.inverse.operators import Matrix, broadcast
+from diemlib.inverse.operators import Matrix, PixelMask, broadcast
 from diemlib.diffusion.samplers import DDPM
 from diemlib.diffusion.schedule import VESchedule
 from diemlib.linalg.solvers import CG, GMRES, solver
@@ -281,3 +281,163 @@ def test_invalid_choices_raise():
     a, y, _, _ = _problem(2)
     with pytest.raises(ValueError):
         _mmps(denoiser, a, y, 0.1, scope="nope")
+
+
+# --------------------------------------------------------------------------------------------
+# Non-symmetric Jacobians. The Gaussian denoiser's Jacobian is symmetric, so the tests above
+# cannot tell J from J^T. Here: a linear denoiser D(x) = B x + c with B non-symmetric, a tanh MLP
+# and image-shaped samples, each against a dense numpy solve. The final direction is
+# x_hat + s^2 J^T A^T v (the VJP); inside the system, V u = s^2 J^T u (`Tweedie` applies V with
+# the same VJP, as the reference implementation does), so the operator is
+# Sigma_y + s^2 A J^T A^T. The formula written with V = s^2 J, Sigma_y + s^2 A J A^T, is a
+# different matrix when J is not symmetric: `test_tweedie_system_with_v_equal_to_s2_j` checks it
+# and is expected to fail (see its reason).
+
+
+def _dense_mmps(x_hat, jac, s, a, y, var_y, v_cov):
+    """x_hat + s^2 J^T A^T v with (Sigma_y + A V A^T) v = y - A x_hat, dense (numpy)."""
+    mat = np.diag(np.broadcast_to(var_y, y.shape)) + a @ v_cov @ a.T
+    return x_hat + s**2 * jac.T @ a.T @ np.linalg.solve(mat, y - a @ x_hat)
+
+
+def _nonsymmetric_linear(d=D, seed=7):
+    """D(x, sigma) = B x + c, batched over the leading axis of x (any event shape), B = P + K with
+    P symmetric positive definite and K skew: B is far from symmetric, yet v^T B v > 0, so every
+    system Sigma_y + s^2 A B^(T) A^T has a positive-definite symmetric part (non-singular)."""
+    rng = np.random.default_rng(seed)
+    q, r = rng.normal(size=(d, d)), rng.normal(size=(d, d))
+    b = 0.3 * np.eye(d) + q @ q.T / d + (r - r.T) / 2
+    c = rng.normal(size=d)
+    bj, cj = jnp.asarray(b), jnp.asarray(c)
+
+    def denoiser(x_t, sigma):
+        flat = x_t.reshape(x_t.shape[0], -1)
+        return (flat @ bj.T + cj).reshape(x_t.shape)
+
+    assert np.linalg.norm(b - b.T) > 0.5 * np.linalg.norm(b)
+    return denoiser, b, c
+
+
+def _tanh_mlp(d=D, hidden=16, seed=8):
+    """D(x, sigma) = x / 2 + W2 tanh(W1 x / sqrt(1 + sigma^2) + b1) + b2 (per sample, batched)."""
+    rng = np.random.default_rng(seed)
+    w1, b1 = jnp.asarray(rng.normal(size=(hidden, d)) / np.sqrt(d)), jnp.asarray(rng.normal(size=hidden))
+    w2, b2 = jnp.asarray(rng.normal(size=(d, hidden)) / np.sqrt(hidden)), jnp.asarray(rng.normal(size=d))
+
+    def denoiser(x_t, sigma):
+        scale = 1 / jnp.sqrt(1 + jnp.reshape(jnp.asarray(sigma, x_t.dtype), (-1, 1)) ** 2)
+        return x_t / 2 + jnp.tanh(scale * x_t @ w1.T + b1) @ w2.T + b2
+
+    return denoiser
+
+
+def _nonsymmetric_problem(batch=4):
+    a, y, x_t, sigma = _problem(batch)
+    var_y = np.random.default_rng(9).uniform(0.05, 0.5, (batch, M))
+    return a, y, x_t, sigma, var_y
+
+
+@pytest.mark.parametrize("scope, solver_name", [("sample", "gmres"), ("batch", "gmres"), ("sample", "lu")])
+def test_linear_nonsymmetric_denoiser_against_a_dense_solve(scope, solver_name):
+    """GMRES with as many iterations as unknowns (3 per sample; 12 for the stacked batch system)
+    and LU are exact: the output is x_hat + s^2 B^T A^T v, (Sigma_y + s^2 A B^T A^T) v = y - A x_hat.
+    Both placements of the transpose matter: the dense results with B in place of B^T (in the
+    final direction or in the system) differ from it by far more than the tolerance."""
+    denoiser, b, c = _nonsymmetric_linear()
+    a, y, x_t, sigma, var_y = _nonsymmetric_problem()
+    solver = {"gmres": GMRES(M if scope == "sample" else len(x_t) * M), "lu": lx.LU()}[solver_name]
+    out = _call(_mmps(denoiser, a, y, var_y, solver=solver, scope=scope), x_t, sigma)
+    for i in range(len(x_t)):
+        s, x_hat = sigma[i], b @ x_t[i] + c
+        expected = _dense_mmps(x_hat, b, s, a[i], y[i], var_y[i], s**2 * b.T)
+        np.testing.assert_allclose(out[i], expected, rtol=1e-9, atol=1e-10)
+        wrong_direction = _dense_mmps(x_hat, b.T, s, a[i], y[i], var_y[i], s**2 * b.T)
+        wrong_system = _dense_mmps(x_hat, b, s, a[i], y[i], var_y[i], s**2 * b)
+        assert np.max(np.abs(wrong_direction - expected)) > 1e-4
+        if s > 0.3:  # at small s the system is nearly Sigma_y either way
+            assert np.max(np.abs(wrong_system - expected)) > 1e-4
+
+
+def test_cg_where_valid_symmetric_linear_denoiser():
+    """CG needs a symmetric positive-definite system: with B symmetric (B = P), CG(3) is exact and
+    both placements of the transpose agree."""
+    _, b, c = _nonsymmetric_linear()
+    p = (b + b.T) / 2
+    pj, cj = jnp.asarray(p), jnp.asarray(c)
+    denoiser = lambda x_t, sigma: x_t @ pj.T + cj
+    a, y, x_t, sigma, var_y = _nonsymmetric_problem()
+    out = _call(_mmps(denoiser, a, y, var_y, solver=CG(M)), x_t, sigma)
+    for i in range(len(x_t)):
+        expected = _dense_mmps(p @ x_t[i] + c, p, sigma[i], a[i], y[i], var_y[i], sigma[i] ** 2 * p)
+        np.testing.assert_allclose(out[i], expected, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("scope", ["sample", "batch"])
+def test_tanh_mlp_denoiser_against_a_dense_solve_with_jacfwd(scope):
+    """A small nonlinear network: J = jacfwd of the per-sample denoiser at x_t (not symmetric);
+    exact GMRES against the dense solve with V = s^2 J^T."""
+    denoiser = _tanh_mlp()
+    a, y, x_t, sigma, var_y = _nonsymmetric_problem()
+    solver = GMRES(M if scope == "sample" else len(x_t) * M)
+    out = _call(_mmps(denoiser, a, y, var_y, solver=solver, scope=scope), x_t, sigma)
+    for i in range(len(x_t)):
+        one = lambda x: denoiser(x[None], sigma[i])[0]
+        x_hat = np.asarray(one(jnp.asarray(x_t[i])))
+        jac = np.asarray(jax.jacfwd(one)(jnp.asarray(x_t[i])))
+        assert np.linalg.norm(jac - jac.T) > 0.1 * np.linalg.norm(jac)
+        expected = _dense_mmps(x_hat, jac, sigma[i], a[i], y[i], var_y[i], sigma[i] ** 2 * jac.T)
+        np.testing.assert_allclose(out[i], expected, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "MMPS applies V as s^2 J^T u (a VJP) inside the system, as the reference implementation does, "
+    "so it solves (Sigma_y + s^2 A J^T A^T) v = y - A x_hat; the formula with V = s^2 J "
+    "(Sigma_y + s^2 A J A^T) differs when J is not symmetric. Reported to the owner."))
+def test_tweedie_system_with_v_equal_to_s2_j():
+    denoiser, b, c = _nonsymmetric_linear()
+    a, y, x_t, sigma, var_y = _nonsymmetric_problem()
+    out = _call(_mmps(denoiser, a, y, var_y, solver=lx.LU()), x_t, sigma)
+    for i in range(len(x_t)):
+        expected = _dense_mmps(b @ x_t[i] + c, b, sigma[i], a[i], y[i], var_y[i], sigma[i] ** 2 * b)
+        np.testing.assert_allclose(out[i], expected, rtol=1e-9, atol=1e-10)
+
+
+IMAGE = (2, 3, 4)  # (C, H, W)
+
+
+def _image_problem(batch=3, seed=10):
+    """Image samples (C, H, W) = (2, 3, 4), a per-sample pixel mask shared by the channels, and
+    the dense (d x d) matrix of each mask on the flattened image (d = 24)."""
+    rng = np.random.default_rng(seed)
+    masks = (rng.uniform(size=(batch, *IMAGE[1:])) < 0.6).astype(float)
+    x_t = 2 * rng.normal(size=(batch, *IMAGE))
+    y = masks[:, None] * rng.normal(size=(batch, *IMAGE))
+    sigma = np.geomspace(0.1, 3.0, batch)
+    dense = [np.diag(np.tile(m.ravel(), IMAGE[0])) for m in masks]
+    return masks, x_t, y, sigma, dense
+
+
+@pytest.mark.parametrize("scope", ["sample", "batch"])
+@pytest.mark.parametrize("name", ["tweedie", "prior"])
+def test_image_samples_with_a_pixel_mask(name, scope):
+    """(C, H, W) samples, PixelMask operators, the linear non-symmetric denoiser on the flattened
+    image, and the `tweedie` or `prior` covariance (a DPLR Sigma_x over the d = 24 flattened
+    pixels; `Prior` reshapes to it): V = s^2 J^T, or s^2 I - s^4 (Sigma_x + s^2 I)^-1. LU solve."""
+    d = int(np.prod(IMAGE))
+    denoiser, b, c = _nonsymmetric_linear(d, seed=11)
+    masks, x_t, y, sigma, dense = _image_problem()
+    rng = np.random.default_rng(12)
+    sigma_x = DPLR(jnp.asarray(rng.uniform(0.2, 1.0, d)), jnp.asarray(rng.normal(size=(d, 3))))
+    cov = covariance(name, sigma_x)
+    var_y = 0.1
+    mmps = MMPSDenoiser(denoiser, PixelMask(jnp.asarray(masks)), jnp.asarray(y), jnp.asarray(var_y), cov,
+                        lx.LU(), scope)
+    out = _call(mmps, x_t, sigma)
+    assert out.shape == x_t.shape
+    cov_x = np.asarray(sigma_x.dense())
+    for i in range(len(x_t)):
+        s = sigma[i]
+        x_hat = b @ x_t[i].ravel() + c
+        v_cov = s**2 * b.T if name == "tweedie" else s**2 * np.eye(d) - s**4 * np.linalg.inv(cov_x + s**2 * np.eye(d))
+        expected = _dense_mmps(x_hat, b, s, dense[i], y[i].ravel(), np.full(d, var_y), v_cov)
+        np.testing.assert_allclose(out[i].ravel(), expected, rtol=1e-9, atol=1e-10)

@@ -69,14 +69,41 @@ def test_pixel_shuffle_inverts_unshuffle():
     np.testing.assert_array_equal(pixel_shuffle(y, 4), x)
 
 
-def test_biases_zero_and_weights_bounded(unet):
+def _uniform_law(weights, bound, name):
+    """`weights` look like i.i.d. U(-bound, bound): inside the bound, mean 0, std bound / sqrt(3)
+    (relative standard error sqrt(0.2 / n) for a uniform), not all zero."""
+    w = np.asarray(weights, dtype=np.float64).ravel()
+    n = w.size
+    assert np.max(np.abs(w)) <= bound, name
+    assert np.max(np.abs(w)) > 0.5 * bound, name  # not all zero, not shrunk
+    assert abs(w.mean()) < 5 * bound / np.sqrt(3 * n), name
+    assert abs(w.std() / (bound / np.sqrt(3)) - 1) < 5 * np.sqrt(0.2 / n) + 1e-3, (name, w.std(), bound)
+
+
+def test_initialisation_is_uniform_in_one_over_sqrt_fan_in_with_zero_bias(unet):
+    """Every Linear and Conv weight ~ U(±1/sqrt(fan_in)) (fan_in = in_features, or in_channels k²),
+    every bias exactly 0 (the attention output projection has none), and the modulation MLPs'
+    output weights ~ U(±0.1/sqrt(fan_in)). Pooled over all layers, the normalised weights w / bound
+    have the quantiles of U(-1, 1)."""
     for net in (unet, MLP(5, key=KEY)):
+        scaled = {id(m.output) for m in layers(net, Modulation)}
+        attention_out = {id(m.out) for m in layers(net, AttBlock)}
         linears = layers(net, (eqx.nn.Linear, eqx.nn.Conv))
-        assert linears
-        for layer in linears:
-            fan_in = layer.weight[0].size
-            assert jnp.max(jnp.abs(layer.weight)) <= 1 / math.sqrt(fan_in)
-            assert layer.bias is None or not jnp.any(layer.bias)
+        assert len(linears) > 3
+        pooled = []
+        for i, layer in enumerate(linears):
+            fan_in = math.prod(layer.weight.shape[1:])
+            bound = (0.1 if id(layer) in scaled else 1.0) / math.sqrt(fan_in)
+            _uniform_law(layer.weight, bound, f"{type(layer).__name__} {i} {layer.weight.shape}")
+            pooled.append(np.ravel(layer.weight) / bound)
+            if id(layer) in attention_out:
+                assert layer.bias is None
+            else:
+                assert layer.bias is not None and layer.bias.size == layer.weight.shape[0]
+                np.testing.assert_array_equal(layer.bias, 0.0)
+        pooled = np.concatenate(pooled)
+        levels = np.linspace(0.05, 0.95, 19)
+        np.testing.assert_allclose(np.quantile(pooled, levels), 2 * levels - 1, atol=0.03)
 
 
 def test_layernorm_has_no_parameters():
@@ -115,16 +142,70 @@ def test_dropout(unet):
     np.testing.assert_array_equal(train_a, apply(unet, x, e, key(2)))
 
 
-def test_paper_configurations():
-    """Sizes and output shapes of the paper's networks, traced abstractly (nothing allocated)."""
-    assert count_parameters(MLP(5, key=KEY)) == pytest.approx(151e3, rel=5e-3)
-    paper = [(cifar_unet, 57.6e6, (3, 32, 32)), (fastmri_unet, 77.6e6, (1, 320, 320))]
-    for make, size, shape in paper:
+# Exact parameter counts from the architecture of the paper (Appendix D), layer by layer: every
+# Linear and Conv has weights and a bias; LayerNorm has no parameters.
+
+
+def conv_count(c_in, c_out, k):
+    return c_out * c_in * k * k + c_out
+
+
+def linear_count(n_in, n_out, bias=True):
+    return n_out * n_in + (n_out if bias else 0)
+
+
+def modulation_count(c, e):
+    """Linear(E -> E), SiLU, Linear(E -> 3C)."""
+    return linear_count(e, e) + linear_count(e, 3 * c)
+
+
+def resblock_count(c, e):
+    """Modulation, LN, Conv3x3(C -> C), SiLU, Dropout, Conv3x3(C -> C)."""
+    return modulation_count(c, e) + 2 * conv_count(c, c, 3)
+
+
+def attblock_count(c, e):
+    """Modulation, LN, QKV projection Linear(C -> 3C) with bias, output Linear(C -> C) without."""
+    return modulation_count(c, e) + linear_count(c, 3 * c) + linear_count(c, c, bias=False)
+
+
+def unet_count(c_in, c_out, widths, blocks, attention, e, r=1):
+    """Entry Conv3x3(r² C_in -> C_0); at level i > 0 a stride-2 Conv3x3(C_(i-1) -> C_i); B_i
+    ResBlocks (each followed by an AttBlock at attention levels) in the descent and again in the
+    ascent; a Conv3x3(C_i + C_(i+1) -> C_i) merging the skip at every level but the deepest; a final
+    per-pixel Conv1x1(C_0 -> r² C_out)."""
+    total = conv_count(c_in * r * r, widths[0], 3) + conv_count(widths[0], c_out * r * r, 1)
+    for i, (c, b) in enumerate(zip(widths, blocks)):
+        if i > 0:
+            total += conv_count(widths[i - 1], c, 3)
+        if i + 1 < len(widths):
+            total += conv_count(c + widths[i + 1], c, 3)
+        per_block = resblock_count(c, e) + (attblock_count(c, e) if i in attention else 0)
+        total += 2 * b * per_block
+    return total
+
+
+def test_exact_parameter_counts_of_the_paper_networks():
+    """The manifold MLP, the CIFAR-10 U-Net and the fastMRI U-Net (traced abstractly: nothing is
+    allocated) have exactly the parameters of the layer list above, which is also about the
+    paper's sizes (151 k, 57.6 M, 77.6 M). One missing 3x3 conv anywhere changes the count."""
+    mlp = linear_count(5 + 64, 256) + 2 * linear_count(256, 256) + linear_count(256, 5)
+    assert count_parameters(MLP(5, key=KEY)) == mlp
+    assert mlp == pytest.approx(151e3, rel=5e-3)
+    cifar = unet_count(3, 3, (128, 256, 384), (5, 5, 5), (1,), 256)
+    fastmri = unet_count(1, 1, (128, 256, 384, 512), (3, 3, 3, 3), (3,), 256, r=4)
+    assert cifar == pytest.approx(57.6e6, rel=5e-3) and fastmri == pytest.approx(77.6e6, rel=5e-3)
+    for make, count, shape in [(cifar_unet, cifar, (3, 32, 32)), (fastmri_unet, fastmri, (1, 320, 320))]:
         net = eqx.filter_eval_shape(make, key=KEY)
-        assert count_parameters(net) == pytest.approx(size, rel=5e-3)
+        assert count_parameters(net) == count, make.__name__
         x = jax.ShapeDtypeStruct(shape, float)
         e = jax.ShapeDtypeStruct((256,), float)
         assert eqx.filter_eval_shape(lambda net, x, e: net(x, e), net, x, e).shape == shape
+
+
+def test_exact_parameter_count_of_the_test_unet(unet):
+    """The same formula on the small U-Net of these tests (two levels, attention at level 1)."""
+    assert count_parameters(unet) == unet_count(3, 3, (16, 32), (1, 1), (1,), EMB)
 
 
 def test_jit_vmap_grad(unet):

@@ -116,3 +116,55 @@ def test_pixel_mask_keeps_pixels_with_probability_one_minus_rho(rho):
     assert set(np.unique(masks)) <= {0.0, 1.0}
     sd = np.sqrt(rho * (1 - rho) / masks.size)
     assert abs(masks.mean() - (1 - rho)) < 5 * sd
+
+
+def _centre_half(size, acceleration):
+    """h = ceil((60 / 320) N / R) = ceil(3 N / (16 R)), in integers (R integer)."""
+    return -(-3 * size // (16 * acceleration))
+
+
+@pytest.mark.parametrize("size", [16, 32, 64, 96, 320, 640])
+@pytest.mark.parametrize("acceleration", [2, 4, 8])
+def test_kspace_mask_scales_with_the_image_size(size, acceleration):
+    """At any N: the centre band [N/2 - h, N/2 + h) is always on, the other columns are on with
+    p = 200 / (320 R - 120) (independent of N), so the expected count 2h + (N - 2h) p is N / R up
+    to the rounding of h (less than 2 columns)."""
+    n = 4000
+    masks = np.asarray(jax.jit(jax.vmap(lambda k: kspace_mask(k, acceleration, size)))(
+        jax.random.split(jax.random.key(size + acceleration), n)))
+    assert masks.shape == (n, size) and masks.dtype == bool
+    half, centre = _centre_half(size, acceleration), size // 2
+    if size == 320:
+        assert half == math.ceil(60 / acceleration)  # the fastMRI constants
+    assert 1 <= half and 2 * half < size
+    assert masks[:, centre - half : centre + half].all()
+    p = 200 / (320 * acceleration - 120)
+    outside = np.r_[0 : centre - half, centre + half : size]
+    np.testing.assert_allclose(masks[:, outside].mean(), p, atol=5 * np.sqrt(p * (1 - p) / (n * outside.size)))
+    counts = masks.sum(1)
+    expected = 2 * half + (size - 2 * half) * p
+    sd = np.sqrt((size - 2 * half) * p * (1 - p) / n)
+    assert abs(counts.mean() - expected) < 5 * sd, (counts.mean(), expected)
+    assert abs(expected - size / acceleration) < 2
+    assert abs(counts.mean() - size / acceleration) < 2 + 5 * sd
+
+
+@pytest.mark.parametrize("size", [16, 32, 64, 320])
+def test_masked_fft_adjoint_at_several_sizes(size):
+    """<A x, y> = <x, A^T y> for MaskedFFT with a k-space mask of the image size (H = W = N);
+    <A^T A x, x> = |A x|^2 and A^T A is a contraction (A keeps part of an orthonormal transform)."""
+    rng = np.random.default_rng(size)
+    mask = kspace_mask(jax.random.key(size), 4, size).astype(float)
+    x, y = jnp.asarray(rng.normal(size=(1, size, size))), jnp.asarray(rng.normal(size=(2, size, size)))
+
+    @jax.jit
+    def run(op, x, y):
+        ax = op(x)
+        return ax, op.T(y, like=x), op.T(ax, like=x)
+
+    op = MaskedFFT(mask)
+    ax, aty, atax = map(np.asarray, run(op, x, y))
+    assert ax.shape == (2, size, size) and aty.shape == (1, size, size)
+    np.testing.assert_allclose(np.vdot(ax, y), np.vdot(x, aty), rtol=1e-10)
+    assert np.linalg.norm(atax) <= np.linalg.norm(x) * (1 + 1e-12)
+    np.testing.assert_allclose(np.vdot(atax, x), np.linalg.norm(ax) ** 2, rtol=1e-10)

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import jupytext
+import numpy as np
 import nbformat
 import pytest
 import yaml
@@ -429,11 +430,30 @@ def test_params_file_validates(path):
 CI_RUNS = [p for p in NOTEBOOKS if (ROOT / "params" / p.stem / "ci.yaml").is_file()]
 
 
+def fake_cifar10(folder: Path, per_batch: int = 16) -> Path:
+    """CIFAR-10's binary layout (5 training batches and a test batch of `per_batch` random
+    smooth images each), so that notebook 03 runs its ci profile without the real data set."""
+    rng = np.random.default_rng(0)
+    root = folder / "cifar-10-batches-bin"
+    root.mkdir(parents=True)
+    for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+        coarse = rng.integers(0, 256, (per_batch, 3, 4, 4))
+        images = np.repeat(np.repeat(coarse, 8, axis=2), 8, axis=3).astype(np.uint8)
+        labels = rng.integers(0, 10, (per_batch, 1), dtype=np.uint8)
+        (root / name).write_bytes(np.concatenate([labels, images.reshape(per_batch, -1)], axis=1).tobytes())
+    return root
+
+
+# Data a notebook's ci run needs, made by the test (the real data sets are never downloaded).
+CI_DATA = {"03_cifar10": lambda tmp: ["-p", "cifar10", str(fake_cifar10(tmp))]}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("py", CI_RUNS, ids=_ids(CI_RUNS))
 def test_notebook_runs_at_ci_profile(py, tmp_path):
     out = tmp_path / py.stem
+    data = CI_DATA.get(py.stem, lambda tmp: [])(tmp_path / "data")
     assert main([py.stem, "--root", str(ROOT), "--profile", "ci", "--out", str(out),
-                 "--no-progress"]) == 0
+                 "--no-progress", *data]) == 0
     assert (out / f"{py.stem}.ipynb").is_file() and (out / "params.yaml").is_file()
     assert (out / "metrics.json").is_file(), "a notebook writes metrics.json into out_dir"

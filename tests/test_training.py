@@ -202,6 +202,22 @@ def test_checkpoint_errors(tmp_path):
         checkpoint.load(path, state_like())
 
 
+def test_checkpoint_with_more_leaves_than_like_is_refused(tmp_path):
+    """A file holding more leaves than `like` (whose leaves match the file's first ones) must not
+    load silently as its prefix: e.g. `state.eqx` = (model, mean) loaded into the model alone."""
+    path = tmp_path / "state.eqx"
+    model = make_model()
+    checkpoint.save(path, (model, jnp.zeros(2)), metadata={"lap": 0})
+    loaded, _ = checkpoint.load(path, (model, jnp.ones(2)))  # the full structure loads
+    assert leaves_equal(loaded[0], model)
+    with pytest.raises(ValueError, match="more leaves"):
+        checkpoint.load(path, model)
+    checkpoint.save(path, (jnp.arange(3.0), jnp.ones(2), jnp.int32(7)), metadata={})
+    for like in [(jnp.zeros(3),), (jnp.zeros(3), jnp.zeros(2))]:
+        with pytest.raises(ValueError, match="more leaves"):
+            checkpoint.load(path, like)
+
+
 def test_interrupted_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "state.eqx"
     state = trained_state()

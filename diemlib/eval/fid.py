@@ -242,7 +242,7 @@ def convert_fid_helper_weights(
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = cache / CONVERTED_FILENAME
     sidecar = target.with_suffix(".json")
-    source_sha1 = _file_digest(source, "sha1")
+    source_sha1 = _memo(source, "sha1", lambda p: _file_digest(p, "sha1"))
     if not overwrite and target.is_file() and sidecar.is_file():
         try:
             if json.loads(sidecar.read_text()).get("source_sha1") == source_sha1:
@@ -271,6 +271,7 @@ def convert_fid_helper_weights(
             record["pool3_max_relative_difference_299"] = error = compare_pool3(Path(tmp), source, images)
             if not error < 1e-4:
                 raise RuntimeError(f"converted {source} disagrees with the TorchScript: relative difference {error:.3g}")
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -278,6 +279,7 @@ def convert_fid_helper_weights(
     handle, tmp = tempfile.mkstemp(dir=cache, prefix=".converting-", suffix=".json")
     with os.fdopen(handle, "w") as file:
         json.dump(record, file, indent=2)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, sidecar)
     return target
 
@@ -291,27 +293,35 @@ def _hub_official_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / OFFICIAL_FILENAME
 
 
-_DIGESTS: dict[tuple[str, int, float], str] = {}
+_FILE_INFO: dict[tuple[str, int, int, str], object] = {}  # (path, size, mtime, what) -> value, this process
+
+
+def _memo(path: Path, what: str, compute):
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, what)
+    if key not in _FILE_INFO:
+        _FILE_INFO[key] = compute(path)
+    return _FILE_INFO[key]
 
 
 def _sha256(path: Path) -> str:
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime)
-    if key not in _DIGESTS:
-        _DIGESTS[key] = _file_digest(path, "sha256")
-    return _DIGESTS[key]
+    return _memo(path, "sha256", lambda p: _file_digest(p, "sha256"))
 
 
-def _has_finite_logits(path: Path) -> bool:
+def _read_has_finite_logits(path: Path) -> bool:
     import torch
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise ValueError(f"{path}: not a readable torch-fidelity Inception state dict ({error})") from error
-    if not isinstance(state, dict) or "fc.weight" not in state:
+    if not isinstance(state, dict) or "fc.weight" not in state or "fc.bias" not in state:
         raise ValueError(f"{path}: not a torch-fidelity FeatureExtractorInceptionV3 state dict (no 'fc.weight')")
     return bool(torch.isfinite(state["fc.weight"]).all() and torch.isfinite(state["fc.bias"]).all())
+
+
+def _has_finite_logits(path: Path) -> bool:
+    return _memo(path, "finite-logits", _read_has_finite_logits)
 
 
 def resolve_inception_weights(
@@ -370,14 +380,15 @@ def resolve_inception_weights(
 
 
 def _check_images(images, name: str) -> np.ndarray:
-    array = np.asarray(images)
+    array = np.asarray(images)  # numpy, or a JAX array (copied to the host)
     if array.dtype != np.uint8:
         raise TypeError(f"{name}: expected uint8 pixels, got {array.dtype} (use diemlib.data.cifar10.from_latent for latents)")
     if array.ndim != 4 or array.shape[1] != 3:
         raise ValueError(f"{name}: expected shape (N, 3, H, W) channels first, got {array.shape}")
     if array.shape[0] < 2:
         raise ValueError(f"{name}: at least 2 images are needed, got {array.shape[0]}")
-    return np.ascontiguousarray(array)
+    array = np.ascontiguousarray(array)
+    return array if array.flags.writeable else array.copy()  # torch.from_numpy warns on read-only arrays
 
 
 _DATASET_CLASS = None

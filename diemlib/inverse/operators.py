@@ -85,13 +85,24 @@ def pixel_mask(key: PRNGKeyArray, shape: tuple[int, int], rho: float) -> Float[A
 
 
 def kspace_mask(key: PRNGKeyArray, acceleration: float, size: int = 320) -> Bool[Array, " size"]:
-    r"""A random column mask at acceleration $R$ (accelerated MRI, paper §5.3).
+    r"""A random column mask of $N$ = `size` k-space columns at acceleration $R$ (accelerated MRI, paper §5.3).
 
-    The centre columns $[c - \lceil 60/R \rceil, c + \lceil 60/R \rceil)$, $c = $ `size // 2`, are
-    always on; every column is on with probability $200 / (320 R - 120)$ (for `size = 320`: about
-    $320 / R$ columns on average).
+    The fastMRI convention for single-coil knee scans of $N = 320$ columns keeps a fully sampled
+    band of about $120 / R$ low-frequency columns around the centre and samples every column at
+    random so that about $N / R$ columns are kept on average. Here the band width scales with $N$
+    (its fraction of the columns, $0.375 / R$, is that of $N = 320$) and the sampling probability
+    does not depend on $N$:
+
+    - the centre columns $[c - h, c + h)$, $c = \lfloor N / 2 floor$,
+      $h = \lceil (60 / 320) N / R ceil$ (so $h = \lceil 60 / R ceil$ at $N = 320$), are
+      always on;
+    - every column is on with probability $p = 200 / (320 R - 120)$.
+
+    The expected number of columns on is $2h + (N - 2h) p pprox N / R$ (exactly $N / R$ without
+    the rounding of $h$). For $N = 320$ this is the fastMRI mask, bit for bit as before the
+    scaling.
     """
-    half = math.ceil(60 / acceleration)
+    half = math.ceil(60 / 320 * size / acceleration)  # 60 / 320 = 0.1875 exactly: N = 320 gives ceil(60 / R)
     centre = size // 2
     columns = jnp.arange(size)
     always = (columns >= centre - half) & (columns < centre + half)

@@ -1,4 +1,4 @@
-r"""The modulated image U-Net of the reference (paper, Appendix D), for CIFAR-10 and fastMRI.
+r"""The modulated image U-Net of the reference (the paper's experiment details; docs/method.md, "Networks"), for CIFAR-10 and fastMRI.
 
 Channels first, one sample at a time, reading the raw noise embedding `emb`; blocks start near
 identity. Widths, blocks and attention levels are arguments, so CPU profiles shrink the network
