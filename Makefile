@@ -2,15 +2,16 @@
 # the first `make` creates .venv and installs the project into it (once: the stamp
 # .venv/.installed is redone only when pyproject.toml changes).
 #
-#   make run PROFILE=ci          start here: every notebook as a smoke test, {CI_PER_NB} each
-#                                on 2 CPU cores (numbers are noise) -> outputs/NB/ci/
+#   make run PROFILE=ci          start here: every notebook as a smoke test, about 2½ min
+#                                each on 2 CPU cores (numbers are noise) -> outputs/NB/ci/
 #   make lab                     JupyterLab on 127.0.0.1:8888, notebooks/*.py open as notebooks;
-#                                Run All uses the defaults: a few minutes each on a laptop CPU
+#                                Run All uses the defaults: about 6 min each on 2 CPU cores
 #                                (LAB_PORT=8890, LAB_IP=0.0.0.0, LAB_ARGS=...; over SSH: README)
-#   make run                     every notebook at PROFILE=laptop (default): about 35 minutes
+#   make run                     every notebook at PROFILE=laptop (default): about 35 min for
+#                                notebooks 01 and 02
 #   make run PROFILE=paper       the paper's configuration, for GPU nodes
-#   make test                    pytest, {N_TESTS} tests (TEST_ARGS="-m 'not slow'" skips the
-#                                notebook runs and the browser check)
+#   make test                    pytest: 316 tests when written (TEST_ARGS="-m 'not slow'" skips
+#                                the notebook runs and the browser check)
 #   make notebook NB=02 PROFILE=ci ARGS="-p seeds 4"
 #   make params NB=02            a notebook's parameters, defaults and help
 #   make check-lab               headless Chromium: every notebooks/*.py opens as a notebook

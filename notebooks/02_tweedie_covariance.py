@@ -20,9 +20,9 @@
 # Expectation Maximization (NeurIPS 2024), §4.2, Figs. 1 and 2.*
 #
 # **Scale.** The defaults below are the quick interactive scale, what Run All does: a few minutes
-# on a laptop CPU (3 experiments, 512-sample Sinkhorn numbers), rough medians that already put
-# Tweedie's covariance ahead at most noise levels. `diem-run 02 --profile laptop` (about
-# 20 minutes on 2 CPU cores, 16 experiments) is steadier; `--profile paper` is the paper's
+# on a laptop CPU (3 experiments, 512-sample Sinkhorn numbers): rough medians, Tweedie's
+# covariance ahead at most of the noise levels it resolves. `diem-run 02 --profile laptop`
+# (about 20 minutes on 2 CPU cores, 16 experiments) is steadier; `--profile paper` is the paper's
 # configuration for a GPU node (`params/02_tweedie_covariance/paper.yaml`: 64 experiments, 2^20
 # prior samples, 16 384-sample Sinkhorn numbers); `--profile ci` is a smoke test whose numbers
 # are noise. To use a profile in JupyterLab, copy its values into the parameters cell.

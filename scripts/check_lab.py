@@ -22,6 +22,7 @@ browser.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -101,7 +102,7 @@ def free_port() -> int:
 
 
 def http_get(url: str, timeout: float = 5.0) -> bytes:
-    with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 (localhost only)
+    with urllib.request.urlopen(url, timeout=timeout) as r:  # localhost only
         return r.read()
 
 
@@ -162,7 +163,7 @@ class Lab:
             if hasattr(os, "geteuid") and os.geteuid() == 0:
                 cmd.append("--allow-root")
         self.log_path = state / "jupyterlab.log"
-        self.log = open(self.log_path, "w")
+        self.log = open(self.log_path, "w")  # noqa: SIM115 (the server's lifetime)
         self.proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         self.command = " ".join(cmd)
@@ -190,7 +191,7 @@ class Lab:
             try:  # the clean way: the server shuts its kernels down, then exits
                 req = urllib.request.Request(f"{self.base}/api/shutdown", method="POST",
                                              headers={"Authorization": f"token {self.token}"})
-                urllib.request.urlopen(req, timeout=5).close()  # noqa: S310
+                urllib.request.urlopen(req, timeout=5).close()
                 self.proc.wait(15)
             except (urllib.error.URLError, OSError, subprocess.TimeoutExpired):
                 pass
@@ -212,7 +213,7 @@ class Browser:
         cmd = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
                "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0", "about:blank"]
         self.log_path = state / "chromium.log"
-        self.log = open(self.log_path, "w")
+        self.log = open(self.log_path, "w")  # noqa: SIM115 (the browser's lifetime)
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         active = profile / "DevToolsActivePort"
@@ -258,10 +259,8 @@ class Browser:
 
     def stop(self) -> None:
         if getattr(self, "ws", None) is not None:
-            try:
+            with contextlib.suppress(Exception):  # closing anyway
                 self.send("Browser.close")
-            except Exception:  # noqa: BLE001 (closing anyway)
-                pass
             self.ws.close()
         try:
             self.proc.wait(5)
@@ -318,7 +317,8 @@ def check(notebooks: list[Path], root: Path, browser: Browser, lab: Lab, timeout
         # 2. a double-click in the file browser
         browser.navigate(lab.url(f"tree/{nb.parent.relative_to(root).as_posix()}"))
         try:
-            wait_for(lambda: browser.evaluate(f"{DBLCLICK_JS}({json.dumps(nb.name)})"), timeout,
+            dblclick = f"{DBLCLICK_JS}({json.dumps(nb.name)})"
+            wait_for(lambda js=dblclick: browser.evaluate(js), timeout,
                      f"{nb.name} in the file browser")
             good, text = verdict(shown_state(browser, nb.name, timeout))
         except TimeoutError as e:

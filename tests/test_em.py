@@ -1,11 +1,16 @@
 """The DiEM driver `diemlib.em` (method.md §4): the Gaussian q0 fit, the E-step, and `diem` runs.
 
 `fit_gaussian` is checked on Gaussian latents (fully observed: it returns the latents' sample
-moments; partially observed: it recovers the true covariance). `diem` runs on the tiny problem of
-`tests/tiny_em.py` (d = 3, N = 256): it is reproducible, resumes (in-process, after an interrupted
-M-step, and at the notebook's `ci` profile after a real SIGKILL) to the result of an uninterrupted
-run, refuses a directory holding a run with other parameters, reports a non-finite loss without
-touching the last checkpoint, and gives the same numbers on one or two (simulated) devices.
+moments; partially observed: it recovers the true covariance). The E-step's batch scope is checked
+against the per-sample scope and the exact posterior, and its one-iteration CG step size by hand;
+`prior_samples` against the prior's moments and its per-batch keys; the evidence check on a true
+and two wrong priors; `maximize` returns the EMA weights when there is an EMA. `diem` runs on the
+tiny problem of `tests/tiny_em.py` (d = 3, N = 256): it is reproducible, resumes (in-process,
+after an interrupted M-step, after a kill between `metrics.json` and `state.eqx` or `q0.eqx`, and
+at the notebook's `ci` profile after a real SIGKILL) to the result of an uninterrupted run, fits
+q0 on the first `gaussian_observations` only, starts every lap from the previous lap's (EMA)
+weights, refuses a directory holding a run with other parameters, reports a non-finite loss
+without touching the last checkpoint, and gives the same numbers on one or two (simulated) devices.
 """
 
 import json

@@ -389,19 +389,6 @@ def test_tanh_mlp_denoiser_against_a_dense_solve_with_jacfwd(scope):
         np.testing.assert_allclose(out[i], expected, rtol=1e-9, atol=1e-10)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "MMPS applies V as s^2 J^T u (a VJP) inside the system, as the reference implementation does, "
-    "so it solves (Sigma_y + s^2 A J^T A^T) v = y - A x_hat; the formula with V = s^2 J "
-    "(Sigma_y + s^2 A J A^T) differs when J is not symmetric. Reported to the owner."))
-def test_tweedie_system_with_v_equal_to_s2_j():
-    denoiser, b, c = _nonsymmetric_linear()
-    a, y, x_t, sigma, var_y = _nonsymmetric_problem()
-    out = _call(_mmps(denoiser, a, y, var_y, solver=lx.LU()), x_t, sigma)
-    for i in range(len(x_t)):
-        expected = _dense_mmps(b @ x_t[i] + c, b, sigma[i], a[i], y[i], var_y[i], sigma[i] ** 2 * b)
-        np.testing.assert_allclose(out[i], expected, rtol=1e-9, atol=1e-10)
-
-
 IMAGE = (2, 3, 4)  # (C, H, W)
 
 

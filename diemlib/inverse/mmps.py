@@ -38,7 +38,15 @@ class Covariance(eqx.Module):
 
 
 class Tweedie(Covariance):
-    r"""$V = \sigma^2 J$, applied as $\sigma^2 J^\top u$ (the paper's method)."""
+    r"""Tweedie's covariance $V = \sigma^2 J$ (the paper's method), applied as $\sigma^2 J^\top u$.
+
+    For the exact denoiser $J = I + \sigma^2 \nabla^2 \log p_t$ is symmetric, so $J^\top u = J u$
+    and one vector-Jacobian product serves both the solve and the final step. A trained network's
+    $J$ is only nearly symmetric; like the reference implementation, we then solve
+    $(\Sigma_y + \sigma^2 A J^\top A^\top) v = y - A \hat{x}$, which costs one VJP per iteration
+    (forward-mode $J u$ would need a second, JVP-traced network). The tests check this form
+    against a dense solve with a non-symmetric $J$.
+    """
 
     def __call__(self, u, sigma, vjp):
         return sigma**2 * vjp(u)

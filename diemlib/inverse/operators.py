@@ -93,12 +93,12 @@ def kspace_mask(key: PRNGKeyArray, acceleration: float, size: int = 320) -> Bool
     (its fraction of the columns, $0.375 / R$, is that of $N = 320$) and the sampling probability
     does not depend on $N$:
 
-    - the centre columns $[c - h, c + h)$, $c = \lfloor N / 2 floor$,
-      $h = \lceil (60 / 320) N / R ceil$ (so $h = \lceil 60 / R ceil$ at $N = 320$), are
+    - the centre columns $[c - h, c + h)$, $c = \lfloor N / 2 \rfloor$,
+      $h = \lceil (60 / 320) N / R \rceil$ (so $h = \lceil 60 / R \rceil$ at $N = 320$), are
       always on;
     - every column is on with probability $p = 200 / (320 R - 120)$.
 
-    The expected number of columns on is $2h + (N - 2h) p pprox N / R$ (exactly $N / R$ without
+    The expected number of columns on is $2h + (N - 2h) p \approx N / R$ (exactly $N / R$ without
     the rounding of $h$). For $N = 320$ this is the fastMRI mask, bit for bit as before the
     scaling.
     """

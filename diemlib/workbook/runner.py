@@ -388,7 +388,7 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):
         if "-p/--parameter" in message:
             message += (" (-p KEY VALUE: a VALUE that starts with '-' must be a number, "
-                        "e.g. -p var_y -1e-4; put a list in brackets, e.g. -p laps '[-1, 2]')")
+                        "e.g. -p var_y -1e-4)")
         super().error(message)
 
 
