@@ -176,7 +176,8 @@ class Lab:
     def _ready(self) -> bool:
         if self.proc.poll() is not None:
             raise CheckError(f"JupyterLab exited with status {self.proc.returncode} "
-                             f"({self.command})\n--- server log\n{self.log_path.read_text()[-3000:]}")
+                             f"({self.command})\n--- server log\n"
+                             f"{self.log_path.read_text()[-3000:]}")
         try:
             http_get(f"{self.base}/api/status?token={self.token}", timeout=2)
             return True
@@ -234,7 +235,8 @@ class Browser:
                                                   timeout=timeout, suppress_origin=True)
         except (TimeoutError, OSError) as e:
             self.stop()
-            raise CheckError(f"Chromium did not start: {e}\n{self.log_path.read_text()[-3000:]}") from None
+            log = self.log_path.read_text()[-3000:]
+            raise CheckError(f"Chromium did not start: {e}\n{log}") from None
         self._id = 0
 
     def send(self, method: str, **params):

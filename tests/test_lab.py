@@ -22,14 +22,16 @@ LABCONFIG = Path(sys.prefix) / "etc" / "jupyter" / "labconfig" / "default_settin
 
 
 def test_project_setting_makes_jupytext_the_python_viewer():
-    source = json.loads((ROOT / "jupyter-config/labconfig/default_setting_overrides.json").read_text())
+    setting = ROOT / "jupyter-config" / "labconfig" / "default_setting_overrides.json"
+    source = json.loads(setting.read_text())
     viewers = source["@jupyterlab/docmanager-extension:plugin"]["defaultViewers"]
     assert viewers == {"python": "Jupytext Notebook"}
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on PATH: the JupyterLab browser check "
-                    "needs Debian's `apt-get install -y chromium chromium-driver` (.ci/run does it)")
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on PATH: the JupyterLab browser "
+                    "check needs Debian's `apt-get install -y chromium chromium-driver` "
+                    "(.ci/run does it)")
 @pytest.mark.skipif(importlib.util.find_spec("jupyterlab") is None,
                     reason="JupyterLab is not installed (the `workbook` extra)")
 def test_notebooks_open_as_notebooks_in_jupyterlab():

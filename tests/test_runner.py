@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from diemlib.workbook import runner
-from diemlib.workbook.params import RunnerError, notebook_parameters
+from diemlib.workbook.params import RunnerError, _parse_constraint, notebook_parameters
 from diemlib.workbook.runner import main, read_notebook, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +79,7 @@ def test_parameters_cell_is_parsed(root):
 
 
 def test_constraint_syntax():
-    parse = runner._parse_constraint
+    parse = _parse_constraint
     assert parse("steps (> 0)") == (((">", 0.0),), None)
     assert parse("rate (>= 0, < 1e-1)") == (((">=", 0.0), ("<", 0.1)), None)
     assert parse("a size (paper: 4096)") == ((), None)  # other parentheses are text

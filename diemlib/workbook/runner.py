@@ -5,7 +5,7 @@ diem-run NB [--profile ci|laptop|paper] [-p KEY VALUE ...] [--params FILE] [--ou
 diem-run NB --list        # the notebook's parameters: type, default, help
 diem-run NB --check ...   # resolve and validate only; print the resolved parameters
 diem-run --list           # the notebooks and their profiles
-python -m diemlib.runner ...   # the same
+python -m diemlib.workbook.runner ...   # the same
 ```
 
 **Layout.** The source of truth of a notebook is `notebooks/NN_name.py` (jupytext percent
@@ -397,7 +397,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="diem-run",
         description="Run a workbook notebook (notebooks/NB.py) with papermill, parameters = "
                     "notebook defaults <- params/NB/PROFILE.yaml <- -p overrides.",
-        epilog="Declaring parameters and constraints: see `python -m pydoc diemlib.runner`.",
+        epilog="Declaring parameters and constraints: see "
+               "`python -m pydoc diemlib.workbook.runner`.",
     )
     ap.add_argument("notebook", nargs="?", metavar="NB",
                     help="notebook stem (02_tweedie_covariance), unique prefix (02), or .py path")
