@@ -1,4 +1,4 @@
-"""Closed-form tests of the EDM preconditioning, noise embedding and denoising loss (method.md §1.2-1.3)."""
+"""Closed-form tests of the EDM preconditioning, noise embedding and denoising loss (docs/method.md, 'Denoiser preconditioning', 'Training loss')."""
 
 import equinox as eqx
 import jax

@@ -1,5 +1,5 @@
 """DPLR algebra against dense numpy, and the analytic Gaussian denoiser against dense conditioning
-(method.md §1.4, §4.3)."""
+(docs/method.md, 'Gaussian denoiser', 'DPLR algebra')."""
 
 import equinox as eqx
 import jax

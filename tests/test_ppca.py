@@ -1,4 +1,4 @@
-"""PPCA (method.md §4.2) against the dense eigendecomposition of the sample covariance, and
+"""PPCA (docs/method.md, 'PPCA') against the dense eigendecomposition of the sample covariance, and
 recovery of a planted covariance D I + U U^T."""
 
 import importlib
@@ -27,7 +27,7 @@ def _samples(mean, cov, n, seed=1):
 
 
 def _dense_ppca(x, rank):
-    """method.md §4.2 by dense numpy: top-r eigenpairs of C = X^T X / N of the centred samples."""
+    """PPCA (docs/method.md) by dense numpy: top-r eigenpairs of C = X^T X / N of the centred samples."""
     x = np.asarray(x)
     n, d = x.shape
     centred = x - x.mean(0)
