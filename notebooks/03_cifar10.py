@@ -21,9 +21,10 @@
 #
 # **Scale.** The defaults below are a quick interactive run (a few minutes on a laptop CPU):
 # a few hundred images, a tiny U-Net, three laps. Its numbers show the mechanics, not the
-# paper's result. `diem-run 03 --profile laptop` (about 35 minutes on 2 CPU cores) is big
-# enough for FID to fall lap after lap; `--profile paper` is the paper's configuration for GPU
-# nodes (50 000 images, the 57.6 M-parameter U-Net, 32 laps).
+# paper's result. `diem-run 03 --profile laptop` is meant as the CPU run where FID falls lap
+# after lap within about 35 minutes; it does not fit that budget yet (its params file says
+# where the time goes). `--profile paper` is the paper's configuration for GPU nodes (50 000
+# images, the 57.6 M-parameter U-Net, 32 laps).
 #
 # We never see a clean image. Each training image $x_i$ is observed once, through its own random
 # mask that deletes every pixel (all three colours) with probability $\rho$:
