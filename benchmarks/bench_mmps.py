@@ -1,4 +1,4 @@
-"""Cost of one MMPS call against its floor: one forward pass and k + 1 VJPs (docs/method.md, 'MMPS').
+"""Cost of one MMPS call against its floor: one forward pass and k + 1 VJPs (docs/conventions.md, 'MMPS').
 
 For the manifold MLP (batch 1024) and a small image U-Net (32x32x3, batch 16), prints the time
 of one forward pass F, one VJP B (a backward pass of `jax.vjp`: forward-with-VJP-and-one-backward

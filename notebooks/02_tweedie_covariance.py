@@ -49,7 +49,7 @@
 # = \sigma_t^2 I + \sigma_t^4 \nabla_{x_t}^2 \log p(x_t).$$
 #
 # Earlier posterior samplers kept the mean and replaced the covariance by a heuristic
-# (paper §4.2; docs/method.md, 'Covariance choices'; with $\Sigma_t = \sigma_t^2 I$):
+# (paper §4.2; docs/conventions.md, 'Covariance choices'; with $\Sigma_t = \sigma_t^2 I$):
 #
 # | choice | $\mathbb{V}[x \mid x_t]$ | used by |
 # |---|---|---|
@@ -214,7 +214,7 @@ plt.show()
 # For each of `seeds` experiments: a fresh random manifold mixture in $\mathbb{R}^n$ (means
 # min-max normalised to $[-2, 2]$), a row $W \sim \mathcal{N}(0, I)$ normalised to the unit
 # sphere, $y \sim \mathcal{N}(W \mu_1, \Sigma_y)$; then, at every $\sigma_t$, the Sinkhorn number
-# of the reference (paper §5.1; docs/method.md, 'Sinkhorn number'),
+# of the reference (paper §5.1; docs/conventions.md, 'Sinkhorn number'),
 #
 # $$S(\pi) = \max\big(\mathrm{OT}_\lambda(x^{(1)}, \pi) - \mathrm{OT}_\lambda(x^{(1)}, x^{(2)}),\ 10^{-6}\big),$$
 #

@@ -1,4 +1,4 @@
-"""Closed-form tests of the EDM preconditioning, noise embedding and denoising loss (docs/method.md, 'Denoiser preconditioning', 'Training loss')."""
+"""Closed-form tests of the EDM preconditioning, noise embedding and denoising loss (docs/conventions.md, 'Denoiser preconditioning', 'Training loss')."""
 
 import equinox as eqx
 import jax

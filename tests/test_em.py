@@ -1,4 +1,4 @@
-"""The DiEM driver `diemlib.em` (paper §3, Algorithm 1; docs/method.md, 'The DiEM loop'): the Gaussian q0 fit, the E-step, and `diem` runs.
+"""The DiEM driver `diemlib.em` (paper §3, Algorithm 1; docs/conventions.md, 'The DiEM loop'): the Gaussian q0 fit, the E-step, and `diem` runs.
 
 `fit_gaussian` is checked on Gaussian latents (fully observed: it returns the latents' sample
 moments; partially observed: it recovers the true covariance). The E-step's batch scope is checked

@@ -1,5 +1,5 @@
 """DPLR algebra against dense numpy, and the analytic Gaussian denoiser against dense conditioning
-(docs/method.md, 'Gaussian denoiser', 'DPLR algebra')."""
+(docs/conventions.md, 'Gaussian denoiser', 'DPLR algebra')."""
 
 import equinox as eqx
 import jax

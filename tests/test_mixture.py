@@ -179,7 +179,7 @@ def test_exact_likelihood_matches_monte_carlo(mixture):
 @pytest.mark.parametrize("sigma", SIGMAS)
 def test_tweedie_is_exact_for_one_gaussian(sigma):
     """One component: p(x | x_t) is Gaussian, so moment matching loses nothing, and the `prior`
-    heuristic with the true Σ_x = s² I coincides with it (docs/method.md, 'Covariance choices')."""
+    heuristic with the true Σ_x = s² I coincides with it (docs/conventions.md, 'Covariance choices')."""
     mixture, obs, _, _ = single_gaussian()
     covs = {"tweedie": Tweedie(), "prior": Prior(DPLR(jnp.zeros(3), mixture.std * jnp.eye(3)))}
     x_t = near(mixture, sigma, count=5)

@@ -1,4 +1,4 @@
-"""MMPS (paper §4; docs/method.md, 'MMPS') with the analytic Gaussian denoiser: every quantity has a closed form."""
+"""MMPS (paper §4; docs/conventions.md, 'MMPS') with the analytic Gaussian denoiser: every quantity has a closed form."""
 
 import equinox as eqx
 import jax

@@ -1,4 +1,4 @@
-"""Tests of the networks of docs/method.md, 'Networks': shapes, initialisation, dropout, sizes, gradients."""
+"""Tests of the networks of docs/conventions.md, 'Networks': shapes, initialisation, dropout, sizes, gradients."""
 
 import math
 

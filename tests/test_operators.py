@@ -1,4 +1,4 @@
-"""Observation operators (docs/method.md; paper §5.1-5.3): adjoints, the centred
+"""Observation operators (docs/conventions.md; paper §5.1-5.3): adjoints, the centred
 orthonormal FFT, and the statistics of the mask generators."""
 
 import math

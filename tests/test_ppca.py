@@ -1,4 +1,4 @@
-"""PPCA (docs/method.md, 'PPCA') against the dense eigendecomposition of the sample covariance, and
+"""PPCA (docs/conventions.md, 'PPCA') against the dense eigendecomposition of the sample covariance, and
 recovery of a planted covariance D I + U U^T."""
 
 import importlib
@@ -27,7 +27,7 @@ def _samples(mean, cov, n, seed=1):
 
 
 def _dense_ppca(x, rank):
-    """PPCA (docs/method.md) by dense numpy: top-r eigenpairs of C = X^T X / N of the centred samples."""
+    """PPCA (docs/conventions.md) by dense numpy: top-r eigenpairs of C = X^T X / N of the centred samples."""
     x = np.asarray(x)
     n, d = x.shape
     centred = x - x.mean(0)

@@ -1,4 +1,4 @@
-"""Samplers (docs/method.md, 'Samplers'): update formulas by hand, NFE and noise levels of every denoiser call,
+"""Samplers (docs/conventions.md, 'Samplers'): update formulas by hand, NFE and noise levels of every denoiser call,
 and exact sampling of a Gaussian prior with its analytic denoiser."""
 
 import equinox as eqx

@@ -1,4 +1,4 @@
-"""CG and GMRES from zero (docs/method.md, 'MMPS', 'Solver semantics') against textbook dense computations."""
+"""CG and GMRES from zero (docs/conventions.md, 'MMPS', 'Solver semantics') against textbook dense computations."""
 
 import jax
 import jax.numpy as jnp
@@ -130,7 +130,7 @@ def test_k_iterations_cost_exactly_k_operator_products(make, k):
     jax.block_until_ready(solve(jnp.asarray(b)))
     jax.effects_barrier()
     assert len(count) == k
-    # lineax's own CG, as shipped, evaluates M v_0 first: one product more (docs/method.md, 'MMPS').
+    # lineax's own CG, as shipped, evaluates M v_0 first: one product more (docs/conventions.md, 'MMPS').
     count.clear()
     jax.block_until_ready(lx.linear_solve(operator, jnp.asarray(b), lx.CG(0.0, 0.0, max_steps=k), throw=False).value)
     jax.effects_barrier()

@@ -4,7 +4,7 @@ A *denoiser* here is any callable `D(x_t, sigma) -> x_hat` on a batch: `x_t` has
 `(B, *event)`, `sigma` is a scalar or has shape `(B,)`, and `x_hat` estimates
 $\mathbb{E}[x \mid x_t]$. Networks act on one sample (equinox convention);
 [`Denoiser`][] vmaps them and applies the EDM preconditioning ($\sigma_\text{data} = 1$;
-docs/method.md, 'Denoiser preconditioning'):
+docs/conventions.md, 'Denoiser preconditioning'):
 
 $$D_\theta(x_t, \sigma) = c_\text{skip} x_t + c_\text{out} F_\theta(c_\text{in} x_t,
 \operatorname{emb}(c_\text{noise})),$$
@@ -90,7 +90,7 @@ def denoising_loss(
     key: PRNGKeyArray,
     schedule: VESchedule,
 ) -> Float[Array, ""]:
-    r"""Denoising score-matching loss (paper §2; docs/method.md, 'Training loss').
+    r"""Denoising score-matching loss (paper §2; docs/conventions.md, 'Training loss').
 
     $$\mathcal{L} = \frac{1}{B} \sum_b \lambda(\sigma_b) \,
     \frac{1}{d} \big\| D_\theta(x_b + \sigma_b z_b, \sigma_b) - x_b \big\|^2,

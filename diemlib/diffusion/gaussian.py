@@ -18,7 +18,7 @@ class GaussianDenoiser(eqx.Module):
 
     $$D(x_t, \sigma) = x_t - \sigma^2 (\Sigma + \sigma^2 I)^{-1} (x_t - \mu), \qquad
     \frac{\partial D}{\partial x_t} = I - \sigma^2 (\Sigma + \sigma^2 I)^{-1}$$
-    (docs/method.md, 'Gaussian denoiser').
+    (docs/conventions.md, 'Gaussian denoiser').
 
     **Arguments:**
 

@@ -1,4 +1,4 @@
-r"""Samplers of the reverse variance-exploding process (paper §2; docs/method.md, 'Samplers').
+r"""Samplers of the reverse variance-exploding process (paper §2; docs/conventions.md, 'Samplers').
 
 A sampler walks `steps` uniform steps in $t$ from 1 to 0 (geometric in $\sigma$), starting from
 $x_1 = \mu + \sigma_\text{max} z$, and returns one extra denoiser call $D(x_0, \sigma_0)$.

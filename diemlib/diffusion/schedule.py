@@ -4,7 +4,7 @@ $$x_t = x + \sigma_t z, \quad z \sim \mathcal{N}(0, I), \quad
 \sigma_t = \exp\big((1 - t) \log a + t \log b\big) = a (b / a)^t, \quad t \in [0, 1].$$
 
 There is no signal scaling ($\alpha_t = 1$) and $\sigma_0 = a$ is never exactly zero
-(paper §2; docs/method.md, 'Noise schedule').
+(paper §2; docs/conventions.md, 'Noise schedule').
 """
 
 import equinox as eqx

@@ -3,7 +3,7 @@
 A checkpoint is one file: a line of JSON (`{"diemlib_checkpoint": 1, "metadata": ...}`)
 followed by the array leaves of a pytree, written by `eqx.tree_serialise_leaves`. Loading
 needs a `like` tree of the same structure (e.g. from `eqx.filter_eval_shape`) and never runs
-code from the file (docs/method.md, 'Departures from the reference').
+code from the file (docs/conventions.md, 'Departures from the reference').
 
 Every write goes to a temporary file in the target's directory, is flushed to disk, then
 renamed over the target with `os.replace`: a reader sees the old file or the new one, never

@@ -1,4 +1,4 @@
-r"""Expectation-maximization for diffusion priors: DiEM (paper §3, Algorithm 1; docs/method.md,
+r"""Expectation-maximization for diffusion priors: DiEM (paper §3, Algorithm 1; docs/conventions.md,
 'The DiEM loop').
 
 Given observations $y_i = A_i x_i + \eta_i$, $\eta_i \sim \mathcal{N}(0, \Sigma_y)$, every lap $k$
@@ -51,7 +51,7 @@ def fit_gaussian(
     callback: Callable[[int, Array, DPLR, dict], None] | None = None,
 ) -> tuple[Array, DPLR]:
     r"""Fits the initial Gaussian prior $q_0 = \mathcal{N}(\mu, \Sigma)$ by Monte-Carlo EM
-    (docs/method.md, 'Initial Gaussian prior').
+    (docs/conventions.md, 'Initial Gaussian prior').
 
     Starts from $\mu = 0$, $\Sigma = I$; every iteration draws one posterior sample per
     observation with the analytic [`GaussianDenoiser`][] and MMPS (exact covariance), then fits

@@ -30,7 +30,7 @@ class EStep(eqx.Module):
 
     - `sampler`: e.g. `PC(schedule, 4096)`.
     - `solver`: the MMPS solver, e.g. `CG(3)`.
-    - `cov`: the covariance choice by name (docs/method.md, 'Covariance choices'); `prior` uses
+    - `cov`: the covariance choice by name (docs/conventions.md, 'Covariance choices'); `prior` uses
       $q_0$'s covariance.
     - `scope`: `"sample"` (per-sample solves) or `"batch"` (the reference's global CG).
     - `batch_size`: observations per batch (a multiple of the number of devices).

@@ -15,7 +15,7 @@ from .training import TrainState, fit, optimizer
 
 
 class MStep(eqx.Module):
-    """How the denoiser is trained on posterior samples (docs/method.md, 'Training loss' and
+    """How the denoiser is trained on posterior samples (docs/conventions.md, 'Training loss' and
     'Optimiser and EMA').
 
     **Arguments:**

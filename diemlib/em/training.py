@@ -1,7 +1,7 @@
 r"""The M-step's training loop: Adam with clipping, EMA weights and a scanned `fit`.
 
 Every key is derived from one key by `jax.random.fold_in(key, step)`, so a run is
-reproducible and can be resumed at any step (docs/method.md, 'Optimiser and EMA' and 'Departures
+reproducible and can be resumed at any step (docs/conventions.md, 'Optimiser and EMA' and 'Departures
 from the reference').
 """
 
@@ -27,7 +27,7 @@ def optimizer(
     final_learning_rate: float = 1e-6,
     clip: float = 1.0,
 ) -> optax.GradientTransformation:
-    r"""Adam after global-norm gradient clipping (docs/method.md, 'Optimiser and EMA').
+    r"""Adam after global-norm gradient clipping (docs/conventions.md, 'Optimiser and EMA').
 
     $$g \gets g \min\big(1, c / \|g\|_2\big), \qquad
     \eta_n = \eta_0 + (\eta_\text{final} - \eta_0) \min(n / N, 1) \text{ (linear)}.$$

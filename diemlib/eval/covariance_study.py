@@ -9,7 +9,7 @@ $$q(y \mid x_t) = \mathcal{N}\big(y \mid W\, \mathbb{E}[x \mid x_t],\ \Sigma_y +
 
 For a Gaussian-mixture prior ([`GaussianMixture`][]) everything else is exact, so the quality of
 $q(x_t \mid y) \propto p(x_t)\, q(y \mid x_t)$ isolates the choice of $V$ (paper §4.2; the choices are
-those of docs/method.md, 'Covariance choices'):
+those of docs/conventions.md, 'Covariance choices'):
 `zero` ($0$), `sigma` ($\sigma^2 I$), `sigma_over_1p`, `prior`
 ($\sigma^2 I - \sigma^4 (\Sigma_x + \sigma^2 I)^{-1}$ with the empirical prior covariance) and
 `tweedie` (the exact $\mathbb{V}[x \mid x_t] = \sigma^2 \nabla \mathbb{E}[x \mid x_t]$).
@@ -53,7 +53,7 @@ EXACT = "exact"
 """The name of the exact likelihood $p(y \\mid x_t)$ among the weights: the estimator floor."""
 
 CHOICES = ("zero", "sigma", "sigma_over_1p", "prior", "tweedie")
-"""The covariance choices (docs/method.md, 'Covariance choices') that the study can compare."""
+"""The covariance choices (docs/conventions.md, 'Covariance choices') that the study can compare."""
 
 
 def random_observation(

@@ -1,4 +1,4 @@
-r"""The reference's "Sinkhorn divergence" between sample sets (paper §5.1; docs/method.md,
+r"""The reference's "Sinkhorn divergence" between sample sets (paper §5.1; docs/conventions.md,
 'Sinkhorn number').
 
 $$S(\pi) = \max\big(\mathrm{OT}_\lambda(x^{(1)}, \pi) - \mathrm{OT}_\lambda(x^{(1)}, x^{(2)}),\ 10^{-6}\big)$$

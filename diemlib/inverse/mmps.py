@@ -7,7 +7,7 @@ $V = \sigma^2 J$, $J = \partial \hat{x} / \partial x_t$. Then (paper §4)
 $$\mathbb{E}[x \mid x_t, y] \approx \hat{x} + \sigma^2 J^\top A^\top v, \qquad
 (\Sigma_y + A V A^\top) \, v = y - A \hat{x}.$$
 
-Per call (docs/method.md, 'MMPS'): one VJP gives $\hat{x}$ and the closure $u \mapsto J^\top u$,
+Per call (docs/conventions.md, 'MMPS'): one VJP gives $\hat{x}$ and the closure $u \mapsto J^\top u$,
 reused for every product; $A^\top$ is the [`adjoint`][] of $A$ (`jax.linear_transpose`, traced
 once); the system is solved matrix-free by a Krylov solver. With $k$ solver iterations the cost
 is one forward pass and $k + 1$ VJPs.
@@ -30,7 +30,7 @@ from ..linalg.solvers import CG
 
 class Covariance(eqx.Module):
     """A choice of the covariance $V$ of $q(x \\mid x_t)$ inside the solve (paper §4.2;
-    docs/method.md, 'Covariance choices')."""
+    docs/conventions.md, 'Covariance choices')."""
 
     @abc.abstractmethod
     def __call__(self, u: Array, sigma: Array, vjp: Callable[[Array], Array]) -> Array:
@@ -156,7 +156,7 @@ class MMPSDenoiser(eqx.Module):
     - `solver`: a lineax solver (default [`CG`][] with 3 iterations).
     - `scope`: `"sample"` (default): every sample solves its own system, so results do not depend
       on batch composition or sharding; `"batch"`: one system over the whole batch, with global
-      inner products (the reference's `jax.scipy.sparse.linalg.cg`; docs/method.md, 'Solver
+      inner products (the reference's `jax.scipy.sparse.linalg.cg`; docs/conventions.md, 'Solver
       semantics').
     """
 

@@ -1,7 +1,7 @@
 r"""Diagonal-plus-low-rank (DPLR) matrices: the covariance algebra of Gaussian priors over images.
 
 A DPLR matrix is $\Sigma = \operatorname{diag}(D) + U V$ with $U \in \mathbb{R}^{d \times r}$,
-$V \in \mathbb{R}^{r \times d}$ (docs/method.md, "DPLR algebra"). Its inverse is again DPLR by Woodbury's
+$V \in \mathbb{R}^{r \times d}$ (docs/conventions.md, "DPLR algebra"). Its inverse is again DPLR by Woodbury's
 identity and its determinant follows from the $r \times r$ capacitance matrix, so a Gaussian
 prior over $d = 3 \cdot 32^2$ or $320^2$ pixels with $r = 64$ costs $O(d r^2)$, never $O(d^3)$.
 """

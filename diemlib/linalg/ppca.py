@@ -1,4 +1,4 @@
-r"""Probabilistic PCA: the M-step of DiEM's initial Gaussian prior (docs/method.md, 'PPCA').
+r"""Probabilistic PCA: the M-step of DiEM's initial Gaussian prior (docs/conventions.md, 'PPCA').
 
 On samples $x_1, \dots, x_N \in \mathbb{R}^d$: $\mu$ is the mean; $C = X^\top X / N$ is the
 covariance of the centred samples with top-$r$ eigenpairs $(L_j, Q_j)$;

@@ -96,7 +96,7 @@ class GMRES(_KrylovSolver):
     Builds an orthonormal basis $Q_k$ of the Krylov space $\mathcal{K}_k(M, b)$ with the Hessenberg
     matrix $H$ ($M Q_k = Q_{k+1} H$) and returns $v = Q_k y$ with
     $y = \arg\min_y \|\, \|b\| e_1 - H y \|$. Recommended when the denoiser's Jacobian is not
-    symmetric (a trained network), where CG may diverge (docs/method.md, 'Solver semantics').
+    symmetric (a trained network), where CG may diverge (docs/conventions.md, 'Solver semantics').
 
     **Arguments:**
 

@@ -1,4 +1,4 @@
-r"""The layers of the reference's networks, with its initialisation (the paper's experiment details; docs/method.md, "Networks").
+r"""The layers of the reference's networks, with its initialisation (the paper's experiment details; docs/conventions.md, "Networks").
 
 Every layer acts on one sample (batching is the caller's `vmap`). The reference's conventions,
 which differ from equinox's defaults: Linear and Conv weights

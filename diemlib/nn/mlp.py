@@ -1,4 +1,4 @@
-r"""The manifold network of §5.1: a residual-free MLP over $[x, \operatorname{emb}]$ (the paper's experiment details; docs/method.md, "Networks")."""
+r"""The manifold network of §5.1: a residual-free MLP over $[x, \operatorname{emb}]$ (the paper's experiment details; docs/conventions.md, "Networks")."""
 
 import equinox as eqx
 import jax

@@ -1,4 +1,4 @@
-r"""The modulated image U-Net of the reference (the paper's experiment details; docs/method.md, "Networks"), for CIFAR-10 and fastMRI.
+r"""The modulated image U-Net of the reference (the paper's experiment details; docs/conventions.md, "Networks"), for CIFAR-10 and fastMRI.
 
 Channels first, one sample at a time, reading the raw noise embedding `emb`; blocks start near
 identity. Widths, blocks and attention levels are arguments, so CPU profiles shrink the network
@@ -140,7 +140,7 @@ def _upsample(x: Float[Array, "C H W"]) -> Array:
 
 
 class UNet(eqx.Module):
-    r"""Modulated image U-Net of the reference (docs/method.md, 'Networks'), channels first.
+    r"""Modulated image U-Net of the reference (docs/conventions.md, 'Networks'), channels first.
 
     Descent, level $i$: $\text{Conv}(C_\text{in} \to C_0)$ at $i = 0$, else
     $\text{Conv}_{\text{stride } 2}(C_{i-1} \to C_i) \to \operatorname{LN}$; then $B_i \times$
