@@ -1,4 +1,4 @@
-"""Evaluation: FID/KID (torch-fidelity, offline), the Sinkhorn number, the evidence check, the covariance study of §4.2."""
+"""Evaluation: FID/KID (torch-fidelity, offline), PSNR/SSIM (dm-pix), the Sinkhorn number, the evidence check, the covariance study of §4.2."""
 
 from .evidence import evidence_divergence
 from .fid import (
@@ -9,6 +9,7 @@ from .fid import (
     inception_features,
     resolve_inception_weights,
 )
+from .quality import psnr, ssim
 from .sinkhorn import entropic_ot, sinkhorn_divergence, sinkhorn_divergences
 
 __all__ = [
@@ -18,8 +19,10 @@ __all__ = [
     "frechet_distance",
     "image_metrics",
     "inception_features",
+    "psnr",
     "resolve_inception_weights",
     "sinkhorn_divergence",
     "sinkhorn_divergences",
+    "ssim",
     "WeightsNotFoundError",
 ]

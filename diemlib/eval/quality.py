@@ -1,0 +1,51 @@
+r"""Reconstruction quality: PSNR and SSIM from `dm-pix`, for images on any value range.
+
+`dm-pix` assumes images in $[0, 1]$; we divide both images by the `data_range` the caller
+names (4 for CIFAR-10 latents in $[-2, 2]$; the ground truth's maximum for MRI magnitudes, as
+fastMRI's evaluation does), so that the numbers are those of the usual definitions:
+
+$$\mathrm{PSNR}(x, x^\star) = 10 \log_{10} \frac{R^2}{\operatorname{mean}(x - x^\star)^2}$$
+
+and SSIM with an 11×11 Gaussian window of width 1.5 and $k_1 = 0.01$, $k_2 = 0.03$.
+"""
+
+import dm_pix
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Float
+
+
+def _channels_last(x: ArrayLike, channels_last: bool) -> Array:
+    x = jnp.asarray(x, jnp.float32)
+    return x if channels_last else x[..., None]
+
+
+def psnr(
+    x: Float[ArrayLike, "B H W *C"],
+    target: Float[ArrayLike, "B H W *C"],
+    *,
+    data_range: ArrayLike,
+    channels_last: bool = True,
+) -> Float[Array, " B"]:
+    r"""The PSNR of each image of `x` against `target`, in dB.
+
+    **Arguments:**
+
+    - `x`, `target`: images of shape `(B, H, W, C)`, or `(B, H, W)` with `channels_last=False`.
+    - `data_range`: $R$, a number or one per image (shape `(B,)`).
+    """
+    x, target = _channels_last(x, channels_last), _channels_last(target, channels_last)
+    scale = jnp.reshape(jnp.asarray(data_range, jnp.float32), (-1, 1, 1, 1))
+    return dm_pix.psnr(x / scale, target / scale)
+
+
+def ssim(
+    x: Float[ArrayLike, "B H W *C"],
+    target: Float[ArrayLike, "B H W *C"],
+    *,
+    data_range: ArrayLike,
+    channels_last: bool = True,
+) -> Float[Array, " B"]:
+    """The SSIM of each image of `x` against `target` (shapes and `data_range` as in [`psnr`][])."""
+    x, target = _channels_last(x, channels_last), _channels_last(target, channels_last)
+    scale = jnp.reshape(jnp.asarray(data_range, jnp.float32), (-1, 1, 1, 1))
+    return dm_pix.ssim(x / scale, target / scale, max_val=1.0)
