@@ -9,13 +9,20 @@ reports through [`progress`][], a `tqdm` bar whose display follows where the cod
   update, at most every `DIEMLIB_PROGRESS_INTERVAL` seconds (default 30), plus a line when the
   bar starts and one when it ends, with no carriage returns or escape codes in the file.
 
+Jitted loops (a sampler's steps, the M-step's scanned training steps) advance the innermost
+bar opened with [`counting`][] through [`tick`][], a `jax.debug.callback` per step: no
+recompilation, no synchronisation, and nothing happens when no bar counts.
+
 The environment variable `DIEMLIB_PROGRESS` forces a mode: `auto` (default), `widget`,
 `terminal`, `log` or `off`. `diem-run` sets `log` for the kernels it starts, so that the lines
 reach its log and the executed notebook as ordinary output.
 """
 
+import contextlib
 import os
 import sys
+
+import jax
 
 from tqdm.auto import tqdm as _auto_tqdm
 from tqdm.std import tqdm as _std_tqdm
@@ -67,3 +74,30 @@ def progress(iterable=None, *, total: int | None = None, desc: str | None = None
     if shown == "terminal":
         return _std_tqdm(iterable, file=sys.stderr, **options)
     return _auto_tqdm(iterable, **options)
+
+
+_counting: list = []  # the bars that jitted loops advance, innermost last
+
+
+def _advance() -> None:
+    if _counting:
+        _counting[-1].update(1)
+
+
+def tick() -> None:
+    """Inside traced code: advances the innermost [`counting`][] bar by one when this step runs."""
+    jax.debug.callback(_advance)
+
+
+@contextlib.contextmanager
+def counting(total: int, desc: str, unit: str = "step", **kwargs):
+    """A [`progress`][] bar that the [`tick`][]s of jitted code advance while the block runs.
+
+    The bar is closed (its last line written) when the block ends.
+    """
+    with progress(total=total, desc=desc, unit=unit, **kwargs) as bar:
+        _counting.append(bar)
+        try:
+            yield bar
+        finally:
+            _counting.remove(bar)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diemlib.nn.layers import LayerNorm, Modulation, count_parameters
+from diemlib.nn.layers import LayerNorm, Modulation, conv, count_parameters
 from diemlib.nn.mlp import MLP
 from diemlib.nn.unet import AttBlock, ResBlock, UNet, cifar_unet, fastmri_unet, pixel_shuffle, pixel_unshuffle
 
@@ -108,10 +108,37 @@ def test_initialisation_is_uniform_in_one_over_sqrt_fan_in_with_zero_bias(unet):
 
 def test_layernorm_has_no_parameters():
     assert count_parameters(LayerNorm()) == 0
-    x = jax.random.normal(KEY, (8, 3, 3)) * 5 + 2
+    x = jax.random.normal(KEY, (3, 3, 8)) * 5 + 2  # channels last
     y = LayerNorm()(x)
-    np.testing.assert_allclose(y.mean(0), 0, atol=1e-12)
-    np.testing.assert_allclose(y.var(0), 1, atol=1e-5)
+    np.testing.assert_allclose(y.mean(-1), 0, atol=1e-12)
+    np.testing.assert_allclose(y.var(-1), 1, atol=1e-5)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_channels_last_conv_equals_equinox_conv(stride):
+    """Our Conv2d on (H, W, C) is equinox's Conv2d on (C, H, W), with the same weights."""
+    layer = conv(4, 6, stride=stride, key=KEY)
+    layer = eqx.tree_at(lambda l: l.bias, layer, jax.random.normal(key(1), layer.bias.shape))
+    reference = eqx.nn.Conv2d(4, 6, 3, stride, padding=1, key=KEY)
+    reference = eqx.tree_at(lambda l: (l.weight, l.bias), reference, (layer.weight, layer.bias))
+    x = jax.random.normal(key(2), (4, 9, 8))
+    np.testing.assert_allclose(layer(x.transpose(1, 2, 0)), reference(x).transpose(1, 2, 0), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("stride, height", [(1, 9), (2, 9), (2, 8)])
+def test_channels_last_conv_gradients_equal_equinox_conv(stride, height):
+    """On the CPU our backward pass is the im2col form's: its gradients (input and weight) equal
+    those of equinox's convolution, for odd and even sizes at stride 2."""
+    layer = conv(4, 6, stride=stride, key=KEY)
+    reference = eqx.tree_at(
+        lambda l: (l.weight, l.bias), eqx.nn.Conv2d(4, 6, 3, stride, padding=1, key=KEY), (layer.weight, layer.bias)
+    )
+    x = jax.random.normal(key(1), (4, height, 7))
+    ours = eqx.filter_grad(lambda mx: jnp.sum(jnp.sin(mx[0](mx[1].transpose(1, 2, 0)))))((layer, x))
+    theirs = eqx.filter_grad(lambda mx: jnp.sum(jnp.sin(mx[0](mx[1]).transpose(1, 2, 0))))((reference, x))
+    np.testing.assert_allclose(ours[1], theirs[1], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(ours[0].weight, theirs[0].weight, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(ours[0].bias, theirs[0].bias, rtol=1e-10, atol=1e-12)
 
 
 def test_modulation_last_weight_scaled(unet):
@@ -127,7 +154,7 @@ def test_modulation_last_weight_scaled(unet):
 def test_blocks_near_identity(unet):
     res, att = unet.down[1]
     assert isinstance(res, ResBlock) and isinstance(att, AttBlock)
-    x = jax.random.normal(KEY, (32, 4, 4))
+    x = jax.random.normal(KEY, (4, 4, 32))  # blocks act on channels-last images
     for block in (res, att):
         y = apply(block, x, emb())
         assert jnp.linalg.norm(y - x) / jnp.linalg.norm(x) < 0.02  # c ≈ 0.1 of its usual size

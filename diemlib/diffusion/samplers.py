@@ -2,7 +2,8 @@ r"""Samplers of the reverse variance-exploding process (paper §2; docs/conventi
 
 A sampler walks `steps` uniform steps in $t$ from 1 to 0 (geometric in $\sigma$), starting from
 $x_1 = \mu + \sigma_\text{max} z$, and returns one extra denoiser call $D(x_0, \sigma_0)$.
-The loop is one `jax.lax.scan` with one PRNG key per step. Any denoiser plugs in: a network,
+The loop is one `jax.lax.scan` with one PRNG key per step; each step advances the progress bar
+opened around the call with `diemlib.progress.counting`, if any. Any denoiser plugs in: a network,
 the analytic [`GaussianDenoiser`][], or a posterior denoiser such as [`MMPS`][].
 
 A denoiser may report diagnostics by implementing `with_info(x_t, sigma) -> (x_hat, info)`
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, PRNGKeyArray
 
+from ..progress import tick
 from .schedule import VESchedule
 
 
@@ -72,6 +74,7 @@ class Sampler(eqx.Module):
         def body(x_t, inputs):
             t, s, k = inputs
             x_s, info = self.step(denoiser, x_t, t, s, k)
+            tick()  # advances the progress bar counting this loop, if any
             return x_s, jax.tree.map(jnp.mean, info)
 
         steps = (times[:-1], times[1:], jax.random.split(key_steps, self.steps))

@@ -63,7 +63,8 @@ def fit_gaussian(
     for i in range(iterations):
         prior = GaussianDenoiser(mean, cov)
         x, info = posterior_samples(
-            jax.random.fold_in(key, i), prior, A, y, var_y, estep, event_shape=event_shape, mean=mean
+            jax.random.fold_in(key, i), prior, A, y, var_y, estep, event_shape=event_shape, mean=mean,
+            desc=f"q0 iteration {i + 1}/{iterations}, E-step",
         )
         mean, cov = ppca(x, rank, key=jax.random.fold_in(key, iterations + i))
         if callback is not None:
@@ -201,14 +202,14 @@ def diem(
         else:
             samples, info = posterior_samples(
                 jax.random.fold_in(lap_key, 0), prior, A, y, var_y, estep,
-                event_shape=event_shape, mean=mean, prior_cov=q0_cov,
+                event_shape=event_shape, mean=mean, prior_cov=q0_cov, desc=f"lap {lap} E-step",
             )
             checkpoint.save(estep_path, samples, metadata={"lap": lap, "info": info})
         estep_time = time.perf_counter() - start
 
         start = time.perf_counter()
         try:
-            model, losses = maximize(jax.random.fold_in(lap_key, 1), model, samples, mstep, step_fn)
+            model, losses = maximize(jax.random.fold_in(lap_key, 1), model, samples, mstep, step_fn, desc=f"lap {lap} M-step")
         except FloatingPointError as error:
             last = f"lap {lap - 1}" if lap > 0 else "q0"
             raise FloatingPointError(f"lap {lap}: {error}; the checkpoints of {last} are intact") from error

@@ -20,6 +20,7 @@ from ..diffusion.samplers import Sampler
 from ..inverse.mmps import MMPSDenoiser, covariance
 from ..inverse.operators import take
 from ..linalg.dplr import DPLR
+from ..progress import counting
 from .sharding import shard_batch
 
 
@@ -67,14 +68,15 @@ def posterior_samples(
     event_shape: tuple[int, ...],
     mean=0.0,
     prior_cov: DPLR | None = None,
-    progress: Callable[[str], None] | None = None,
+    desc: str = "E-step",
 ) -> tuple[Array, dict]:
     r"""The E-step: `samples_per_observation` samples $x \sim q(x \mid y_i, A_i)$ for every $i$.
 
     Observations are processed `estep.batch_size` at a time, each batch sharded over all devices;
     batch $b$ uses the key `fold_in(key, b)`. The last batch is padded with repeated observations
     (dropped from the samples, counted in the averaged diagnostics); with `scope="batch"` the
-    padding rows also enter that batch's shared CG coefficients.
+    padding rows also enter that batch's shared CG coefficients. A progress bar labelled `desc`
+    counts sampler steps over all batches.
 
     **Returns:** samples of shape `(N * samples_per_observation, *event_shape)` (the samples of
     observation $i$ are rows $iS, \dots, iS + S - 1$) and the solver diagnostics averaged over
@@ -86,16 +88,17 @@ def posterior_samples(
     batches = math.ceil(total / size)
     index = jnp.resize(index, batches * size)  # pad the last batch (cyclically: any N)
     samples, infos = [], []
-    for b in range(batches):
-        rows = index[b * size : (b + 1) * size]
-        A_b, y_b = shard_batch((take(A, rows), y[rows]))
-        x, info = _sample_batch(
-            jax.random.fold_in(key, b), denoiser, A_b, y_b, var_y, estep, prior_cov, mean, event_shape
-        )
-        samples.append(x)
-        infos.append(info)
-        if progress is not None:
-            progress(f"E-step batch {b + 1}/{batches}")
+    with counting(batches * estep.sampler.steps, desc) as bar:
+        for b in range(batches):
+            bar.set_postfix_str(f"batch {b + 1}/{batches}", refresh=False)
+            rows = index[b * size : (b + 1) * size]
+            A_b, y_b = shard_batch((take(A, rows), y[rows]))
+            x, info = _sample_batch(
+                jax.random.fold_in(key, b), denoiser, A_b, y_b, var_y, estep, prior_cov, mean, event_shape
+            )
+            samples.append(x)
+            infos.append(info)
+        jax.block_until_ready(samples)
     info = {name: float(jnp.mean(jnp.stack([i[name] for i in infos]))) for name in infos[0]}
     samples = jnp.concatenate(samples)[:total]
     if estep.bound is not None:
@@ -118,15 +121,19 @@ def discard_outside(key: PRNGKeyArray, samples: Array, bound: float) -> tuple[Ar
 
 
 def prior_samples(
-    key: PRNGKeyArray, model, sampler: Sampler, count: int, *, event_shape, mean=0.0, batch_size=None
+    key: PRNGKeyArray, model, sampler: Sampler, count: int, *, event_shape, mean=0.0, batch_size=None,
+    desc: str = "prior samples",
 ) -> Array:
-    """Unconditional samples of a denoiser's prior, `batch_size` at a time (batch `b`: `fold_in(key, b)`)."""
+    """Unconditional samples of a denoiser's prior, `batch_size` at a time (batch `b`: `fold_in(key, b)`).
+
+    A progress bar labelled `desc` counts sampler steps over all batches.
+    """
     batch_size = batch_size or count
     shape = (batch_size, *event_shape)
-    batches = [
-        _prior_batch(jax.random.fold_in(key, b), model, sampler, mean, shape)
-        for b in range(math.ceil(count / batch_size))
-    ]
+    n = math.ceil(count / batch_size)
+    with counting(n * sampler.steps, desc):
+        batches = [_prior_batch(jax.random.fold_in(key, b), model, sampler, mean, shape) for b in range(n)]
+        jax.block_until_ready(batches)
     return jnp.concatenate(batches)[:count]
 
 

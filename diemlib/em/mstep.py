@@ -47,7 +47,7 @@ class MStep(eqx.Module):
 
 
 def maximize(
-    key: PRNGKeyArray, model, samples: Array, mstep: MStep, step_fn
+    key: PRNGKeyArray, model, samples: Array, mstep: MStep, step_fn, desc: str = "M-step"
 ) -> tuple[eqx.Module, Array]:
     r"""The M-step: `mstep.steps` Adam steps on the denoising loss over `samples`, Adam state fresh.
 
@@ -64,5 +64,6 @@ def maximize(
         step_fn=step_fn,
         augment=mstep.augment,
         sharding=batch_sharding(),
+        desc=desc,
     )
     return (state.model if state.ema is None else state.ema), losses

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray, PyTree
 
+from ..progress import counting, tick
+
 LossFn = Callable[[PyTree, Array, PRNGKeyArray], Float[Array, ""]]
 StepFn = Callable[[PyTree, Array, PRNGKeyArray], tuple[PyTree, Float[Array, ""]]]
 
@@ -138,6 +140,7 @@ def _fit_chunk(state, data, key, first, stop, *, batch_size, step_fn, augment, c
         if augment is not None:
             batch = augment(key_augment, batch)
         state, loss = step_fn(eqx.combine(dynamic, static), batch, key_step)
+        tick()  # advances the M-step's progress bar
         return eqx.filter(state, eqx.is_array), loss
 
     loss_shape = jax.eval_shape(active, dynamic, first)[1]
@@ -165,6 +168,7 @@ def fit(
     callback: Callable[[int, PyTree, Array], Any] | None = None,
     chunk: int = 256,
     sharding: jax.sharding.Sharding | None = None,
+    desc: str = "M-step",
 ) -> tuple[PyTree, Float[Array, " steps"]]:
     r"""Runs `steps` training steps on batches drawn with replacement from `data`.
 
@@ -187,6 +191,8 @@ def fit(
         done and that chunk's losses.
     - `chunk`: the number of steps per scan (all chunks share one compilation).
     - `sharding`: where each batch goes, e.g. split over devices (data parallelism).
+    - `desc`: the label of the progress bar, which counts steps and shows the last chunk's
+        mean loss.
 
     **Returns:** the final state and the loss of every step.
 
@@ -195,17 +201,19 @@ def fit(
     start = int(state.step) if start is None else start
     stop = start + steps
     losses = []
-    for first in range(start, stop, chunk):
-        state, chunk_losses = _fit_chunk(
-            state, data, key, jnp.uint32(first), jnp.uint32(stop),
-            batch_size=batch_size, step_fn=step_fn, augment=augment, chunk=chunk,
-            sharding=sharding,
-        )
-        chunk_losses = chunk_losses[: min(chunk, stop - first)]
-        bad = jnp.flatnonzero(~jnp.isfinite(chunk_losses))
-        if bad.size:
-            raise FloatingPointError(f"non-finite loss at step {first + int(bad[0])}")
-        losses.append(chunk_losses)
-        if callback is not None:
-            callback(first + len(chunk_losses), state, chunk_losses)
+    with counting(steps, desc) as bar:
+        for first in range(start, stop, chunk):
+            state, chunk_losses = _fit_chunk(
+                state, data, key, jnp.uint32(first), jnp.uint32(stop),
+                batch_size=batch_size, step_fn=step_fn, augment=augment, chunk=chunk,
+                sharding=sharding,
+            )
+            chunk_losses = chunk_losses[: min(chunk, stop - first)]
+            bad = jnp.flatnonzero(~jnp.isfinite(chunk_losses))
+            if bad.size:
+                raise FloatingPointError(f"non-finite loss at step {first + int(bad[0])}")
+            losses.append(chunk_losses)
+            bar.set_postfix(loss=f"{float(jnp.mean(chunk_losses)):.4g}")
+            if callback is not None:
+                callback(first + len(chunk_losses), state, chunk_losses)
     return state, jnp.concatenate(losses) if losses else jnp.zeros((0,))

@@ -1,7 +1,8 @@
 r"""The modulated image U-Net of the reference (the paper's experiment details; docs/conventions.md, "Networks"), for CIFAR-10 and fastMRI.
 
-Channels first, one sample at a time, reading the raw noise embedding `emb`; blocks start near
-identity. Widths, blocks and attention levels are arguments, so CPU profiles shrink the network
+One sample at a time, `(C, H, W)` in and out, reading the raw noise embedding `emb`; blocks
+start near identity. Inside, images are channels last, `(H, W, C)` (see `diemlib.nn.layers`:
+XLA's CPU convolutions are much faster so inside loops). Widths, blocks and attention levels are arguments, so CPU profiles shrink the network
 without another code path.
 """
 
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .layers import LayerNorm, Modulation, conv, linear
+from .layers import Conv2d, LayerNorm, Modulation, conv, linear
 
 
 class ModulatedBlock(eqx.Module):
@@ -30,16 +31,16 @@ class ModulatedBlock(eqx.Module):
     norm: LayerNorm
 
     @abc.abstractmethod
-    def branch(self, h: Float[Array, "C H W"], key: PRNGKeyArray | None) -> Float[Array, "C H W"]:
+    def branch(self, h: Float[Array, "H W C"], key: PRNGKeyArray | None) -> Float[Array, "H W C"]:
         """The branch $F$ on the modulated, normalised input."""
 
     def __call__(
         self,
-        x: Float[Array, "C H W"],
+        x: Float[Array, "H W C"],
         emb: Float[Array, " E"],
         *,
         key: PRNGKeyArray | None = None,
-    ) -> Float[Array, "C H W"]:
+    ) -> Float[Array, "H W C"]:
         """`key` reaches the branch (dropout is active iff it is given)."""
         a, b, c = self.modulation(emb)
         h = self.branch(self.norm((1 + a) * x + b), key)
@@ -60,8 +61,8 @@ class ResBlock(ModulatedBlock):
     - `key`: initialisation key.
     """
 
-    conv1: eqx.nn.Conv2d
-    conv2: eqx.nn.Conv2d
+    conv1: Conv2d
+    conv2: Conv2d
     dropout: eqx.nn.Dropout
 
     def __init__(self, channels: int, emb_features: int, dropout: float, *, key: PRNGKeyArray):
@@ -110,12 +111,12 @@ class AttBlock(ModulatedBlock):
 
     def branch(self, h, key):
         """`key` is accepted for a common signature; there is no attention dropout."""
-        C, H, W = h.shape
-        tokens = h.reshape(C, H * W).T
+        H, W, C = h.shape
+        tokens = h.reshape(H * W, C)
         q, k, v = jnp.split(jax.vmap(self.qkv)(tokens), 3, axis=-1)
         q, k, v = (t.reshape(H * W, self.heads, C // self.heads) for t in (q, k, v))
         h = jax.checkpoint(jax.nn.dot_product_attention)(q, k, v).reshape(H * W, C)
-        return jax.vmap(self.out)(h).T.reshape(C, H, W)
+        return jax.vmap(self.out)(h).reshape(H, W, C)
 
 
 def pixel_unshuffle(x: Float[Array, "C H W"], r: int) -> Array:
@@ -135,8 +136,8 @@ def pixel_shuffle(x: Float[Array, "C H W"], r: int) -> Array:
     return x.reshape(C // (r * r), H * r, W * r)
 
 
-def _upsample(x: Float[Array, "C H W"]) -> Array:
-    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+def _upsample(x: Float[Array, "H W C"]) -> Array:
+    return jnp.repeat(jnp.repeat(x, 2, axis=0), 2, axis=1)
 
 
 class UNet(eqx.Module):
@@ -164,11 +165,11 @@ class UNet(eqx.Module):
     - `key`: initialisation key.
     """
 
-    entries: list[eqx.nn.Conv2d]
+    entries: list[Conv2d]
     down: list[list[ResBlock | AttBlock]]
-    merges: list[eqx.nn.Conv2d | None]
+    merges: list[Conv2d | None]
     up: list[list[ResBlock | AttBlock]]
-    final: eqx.nn.Conv2d
+    final: Conv2d
     norm: LayerNorm
     unshuffle: int = eqx.field(static=True)
 
@@ -229,7 +230,7 @@ class UNet(eqx.Module):
             k = None if key is None else jax.random.fold_in(key, next(counter))
             return layer(x, emb, key=k)
 
-        x = pixel_unshuffle(x, self.unshuffle)
+        x = jnp.transpose(pixel_unshuffle(x, self.unshuffle), (1, 2, 0))  # channels last inside
         skips = []
         for i, (entry, stage) in enumerate(zip(self.entries, self.down)):
             x = entry(x) if i == 0 else self.norm(entry(x))
@@ -238,11 +239,11 @@ class UNet(eqx.Module):
             skips.append(x)
         for i in reversed(range(len(self.up))):
             if self.merges[i] is not None:
-                x = self.merges[i](jnp.concatenate([x, skips[i]]))
+                x = self.merges[i](jnp.concatenate([x, skips[i]], axis=-1))
             for layer in self.up[i]:
                 x = block(layer, x)
             x = _upsample(self.norm(x)) if i > 0 else self.final(x)
-        return pixel_shuffle(x, self.unshuffle)
+        return pixel_shuffle(jnp.transpose(x, (2, 0, 1)), self.unshuffle)
 
 
 def cifar_unet(*, key: PRNGKeyArray, **overrides) -> UNet:

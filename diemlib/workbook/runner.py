@@ -311,6 +311,9 @@ def run(plan: Plan, progress: bool = True, log_output: bool = True) -> Path:
     (plan.out_dir / "params.yaml").write_text(_dump_params(plan))
     output = plan.out_dir / f"{plan.notebook.stem}.ipynb"
     parameters = {**plan.values, "out_dir": str(plan.out_dir)}
+    # The kernel inherits this: diemlib's progress bars print plain lines at a modest rate
+    # (to this log and the executed notebook) instead of widgets nobody sees.
+    os.environ.setdefault("DIEMLIB_PROGRESS", "log")
     papermill.execute_notebook(
         plan.nb, str(output), parameters=parameters, kernel_name=KERNEL, language="python",
         cwd=str(plan.root), progress_bar=progress, log_output=log_output,
