@@ -87,3 +87,23 @@ def test_sinkhorn_divergence_floor():
     ref = points(20, 32, 2, 1.0)
     assert sinkhorn_divergence(ref, ref.copy(), ref.copy(), reg=0.1) == 1e-6
     assert jax.numpy.isfinite(entropic_ot(ref, ref.copy(), reg=0.1))
+
+
+def test_debiasing_term_is_computed_once_per_reference_pair(monkeypatch):
+    """A second call with the same references reuses the debiasing term (same numbers, one
+    Sinkhorn solve fewer); other references or options compute their own."""
+    from diemlib.eval import sinkhorn as module
+
+    calls = []
+    solve = module.entropic_ot
+    monkeypatch.setattr(module, "entropic_ot", lambda x, y, **kw: calls.append(1) or solve(x, y, **kw))
+    monkeypatch.setattr(module, "_BIAS", {})
+    k = jax.random.split(jax.random.key(7), 4)
+    ref, other, a = (jax.random.normal(kk, (64, 2)) for kk in k[:3])
+    first = module.sinkhorn_divergences(ref, other, {"a": a})
+    assert len(calls) == 2
+    assert module.sinkhorn_divergences(ref, other, {"a": a}) == first
+    assert len(calls) == 3
+    module.sinkhorn_divergences(ref, other, {"a": a}, max_iter=10)
+    module.sinkhorn_divergences(ref, jax.random.normal(k[3], (64, 2)), {"a": a})
+    assert len(calls) == 7
