@@ -428,3 +428,22 @@ def test_image_samples_with_a_pixel_mask(name, scope):
         v_cov = s**2 * b.T if name == "tweedie" else s**2 * np.eye(d) - s**4 * np.linalg.inv(cov_x + s**2 * np.eye(d))
         expected = _dense_mmps(x_hat, b, s, dense[i], y[i].ravel(), np.full(d, var_y), v_cov)
         np.testing.assert_allclose(out[i].ravel(), expected, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("group", [1, 2, 3])
+def test_group_scope_solves_each_group_as_its_own_batch(group):
+    """`scope=g` on a batch of 6 equals `scope="batch"` run on each group of g samples alone (and
+    `scope=1` equals `"sample"`); a group size that does not divide the batch is refused."""
+    denoiser, _, _ = _prior()
+    a, y, x_t, sigma = _problem(6)
+    var_y = np.random.default_rng(4).uniform(0.05, 1.0, (6, M))
+    grouped = _call(_mmps(denoiser, a, y, var_y, solver=CG(2), scope=group), x_t, sigma)
+    for start in range(0, 6, group):
+        rows = slice(start, start + group)
+        alone = _call(_mmps(denoiser, a[rows], y[rows], var_y[rows], solver=CG(2), scope="batch"), x_t[rows], sigma[rows])
+        np.testing.assert_allclose(grouped[rows], alone, rtol=1e-12, atol=1e-13)
+    if group == 1:
+        per_sample = _call(_mmps(denoiser, a, y, var_y, solver=CG(2), scope="sample"), x_t, sigma)
+        np.testing.assert_allclose(grouped, per_sample, rtol=1e-12, atol=1e-13)
+    with pytest.raises(ValueError, match="groups of 4"):
+        _call(_mmps(denoiser, a, y, var_y, solver=CG(2), scope=4), x_t, sigma)

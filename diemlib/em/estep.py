@@ -21,7 +21,8 @@ from ..inverse.mmps import MMPSDenoiser, covariance
 from ..inverse.operators import take
 from ..linalg.dplr import DPLR
 from ..progress import counting
-from .sharding import shard_batch
+from .distributed import gather
+from .sharding import replicate, shard_batch
 
 
 class EStep(eqx.Module):
@@ -33,7 +34,8 @@ class EStep(eqx.Module):
     - `solver`: the MMPS solver, e.g. `CG(3)`.
     - `cov`: the covariance choice by name (docs/conventions.md, 'Covariance choices'); `prior` uses
       $q_0$'s covariance.
-    - `scope`: `"sample"` (per-sample solves) or `"batch"` (the reference's global CG).
+    - `scope`: `"sample"` (per-sample solves), `"batch"` (the reference's global CG) or a group
+      size g (one system per g consecutive observations; see [`MMPSDenoiser`][]).
     - `batch_size`: observations per batch (a multiple of the number of devices).
     - `samples_per_observation`: posterior samples per observation (fastMRI: 2).
     - `bound`: if set, samples outside $(-\text{bound}, \text{bound})^d$ are discarded (the
@@ -44,7 +46,7 @@ class EStep(eqx.Module):
     sampler: Sampler
     solver: lx.AbstractLinearSolver
     cov: str = eqx.field(static=True, default="tweedie")
-    scope: Literal["sample", "batch"] = eqx.field(static=True, default="sample")
+    scope: Literal["sample", "batch"] | int = eqx.field(static=True, default="sample")
     batch_size: int = eqx.field(static=True, default=1024)
     samples_per_observation: int = eqx.field(static=True, default=1)
     bound: float | None = eqx.field(static=True, default=None)
@@ -88,17 +90,20 @@ def posterior_samples(
     batches = math.ceil(total / size)
     index = jnp.resize(index, batches * size)  # pad the last batch (cyclically: any N)
     samples, infos = [], []
+    # Several processes: what every batch shares, on every device of every process, once.
+    denoiser, var_y, prior_cov, mean = replicate((denoiser, var_y, prior_cov, mean))
     with counting(batches * estep.sampler.steps, desc) as bar:
         for b in range(batches):
             bar.set_postfix_str(f"batch {b + 1}/{batches}", refresh=False)
             rows = index[b * size : (b + 1) * size]
             A_b, y_b = shard_batch((take(A, rows), y[rows]))
             x, info = _sample_batch(
-                jax.random.fold_in(key, b), denoiser, A_b, y_b, var_y, estep, prior_cov, mean, event_shape
+                replicate(jax.random.fold_in(key, b)), denoiser, A_b, y_b, var_y, estep, prior_cov, mean, event_shape
             )
             samples.append(x)
             infos.append(info)
         jax.block_until_ready(samples)
+        samples, infos = gather((samples, infos))  # several processes: every one gets every sample
     info = {name: float(jnp.mean(jnp.stack([i[name] for i in infos]))) for name in infos[0]}
     samples = jnp.concatenate(samples)[:total]
     if estep.bound is not None:
