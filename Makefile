@@ -87,6 +87,7 @@ params: $(READY)
 bench: $(READY)
 	$(BIN)/python benchmarks/bench_mmps.py
 	$(BIN)/python benchmarks/bench_mstep.py
+	$(BIN)/python benchmarks/bench_estep.py
 
 # A .py not yet paired (no `formats:` in its jupytext header) is paired with its .ipynb first.
 sync: $(READY)
