@@ -5,11 +5,13 @@ Grouped by role; each module holds one concept of the paper:
 - `diffusion`: the noise schedule, the EDM-preconditioned denoiser and its loss, the analytic
   Gaussian denoiser, and the samplers (DDPM, DDIM, predictor-corrector).
 - `linalg`: diagonal-plus-low-rank matrices, probabilistic PCA, Krylov solvers (CG, GMRES).
-- `inverse`: observation operators and their mask generators, the MMPS posterior denoiser and
-  the covariance choices of V[x | x_t].
+- `inverse`: observation operators and their mask generators, the restoration degradations, the
+  MMPS posterior denoiser and the covariance choices of V[x | x_t], and the posterior samplers
+  MMPS is compared with (DPS, ΠGDM, TMPD, DiffPIR).
 - `nn`: the reference's layers, the manifold MLP and the image U-Net.
 - `em`: the E-step, the M-step (training, EMA), the DiEM driver with checkpoints, sharding.
-- `eval`: the Sinkhorn number, the evidence check, the covariance study of §4.2.
+- `eval`: the Sinkhorn number, the evidence check, the covariance study of §4.2, PSNR/SSIM, FID,
+  and the measured cost of a sampler.
 - `data`: the manifold and Gaussian-mixture priors of the low-dimensional experiments.
 - `workbook`: the headless notebook runner, its parameters, metrics files and shared plots.
   Generic tooling, not the method.

@@ -149,9 +149,10 @@ def test_kspace_mask_scales_with_the_image_size(size, acceleration):
     assert abs(counts.mean() - size / acceleration) < 2 + 5 * sd
 
 
-@pytest.mark.parametrize("size", [16, 32, 64, 320])
+@pytest.mark.parametrize("size", [15, 16, 32, 33, 64, 320])
 def test_masked_fft_adjoint_at_several_sizes(size):
-    """<A x, y> = <x, A^T y> for MaskedFFT with a k-space mask of the image size (H = W = N);
+    """<A x, y> = <x, A^T y> for MaskedFFT with a k-space mask of the image size (H = W = N, odd N
+    too, where fftshift and ifftshift differ);
     <A^T A x, x> = |A x|^2 and A^T A is a contraction (A keeps part of an orthonormal transform)."""
     rng = np.random.default_rng(size)
     mask = kspace_mask(jax.random.key(size), 4, size).astype(float)

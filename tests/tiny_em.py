@@ -4,7 +4,11 @@
 `OUT_DIR` and prints one line of JSON: the device count, the metrics without their timings, the
 last lap's posterior samples and the final model's weights (flattened). It runs in the dtype of
 the process (float32 unless the caller enables x64); set
-`XLA_FLAGS=--xla_force_host_platform_device_count=2` to shard it over two CPU devices.
+`XLA_FLAGS=--xla_force_host_platform_device_count=2` to shard it over two CPU devices, or the
+`DIEMLIB_COORDINATOR`, `DIEMLIB_NUM_PROCESSES` and `DIEMLIB_PROCESS_ID` variables to run it as
+one of several processes (`diemlib.em.distributed`; tests/test_distributed.py): then every
+process computes, process 0 alone writes `OUT_DIR` and prints the results, the others print
+`{"process": i, ...}` only.
 
 The problem: N = 256 points of a random 1-D manifold in R^3, observed through random 2 x 3
 projections with noise variance 1e-4; a tiny MLP (hidden 32); DDIM/PC samplers of 16 steps;
@@ -23,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diemlib.em import checkpoint
+from diemlib.em import checkpoint, distributed
 from diemlib import em
 from diemlib.inverse import operators
 from diemlib.inverse.operators import simulate_observations
@@ -80,22 +84,29 @@ def main() -> None:
     parser.add_argument("--laps", type=int, default=1)
     parser.add_argument("--solver", default="cg", help="the E-step's MMPS solver: cg or gmres")
     args = parser.parse_args()
+    distributed.initialize()  # several processes if the environment says so: before any JAX computation
     out = Path(args.out_dir)
     prob = problem()
     zeros = lambda *shape: jnp.zeros(shape, prob["y"].dtype)
     estep = eqx.tree_at(lambda e: e.solver, ESTEP, solvers.solver(args.solver, 3))
     metrics = run(out, prob, laps=args.laps, estep=estep)
-    samples, meta = checkpoint.load(out / "estep.eqx", zeros(N, D))
-    (model, mean), _ = checkpoint.load(out / "state.eqx", (prob["model"], zeros(D)))
-    (q0_mean, q0_cov), _ = checkpoint.load(out / "q0.eqx", (zeros(D), DPLR(zeros(D), zeros(D, D))))
-    weights = np.concatenate([np.ravel(w) for w in jax.tree.leaves(eqx.filter(model, eqx.is_array))])
     # An E-step with a network prior: the fresh (untrained) model, the same in every process.
     gmres = eqx.tree_at(lambda e: e.solver, ESTEP, solvers.GMRES(3))
     network_samples, _ = em.posterior_samples(
         jax.random.key(2), prob["model"], prob["A"], prob["y"], VAR_Y, gmres, event_shape=(D,)
     )
+    if not distributed.is_main():  # it wrote nothing
+        print(json.dumps({"process": jax.process_index(), "device_count": jax.device_count(),
+                          "metrics": without_times(metrics)}))
+        return
+    samples, meta = checkpoint.load(out / "estep.eqx", zeros(N, D))
+    (model, mean), _ = checkpoint.load(out / "state.eqx", (prob["model"], zeros(D)))
+    (q0_mean, q0_cov), _ = checkpoint.load(out / "q0.eqx", (zeros(D), DPLR(zeros(D), zeros(D, D))))
+    weights = np.concatenate([np.ravel(w) for w in jax.tree.leaves(eqx.filter(model, eqx.is_array))])
     as_list = lambda a: np.asarray(a).tolist()
     print(json.dumps({
+        "process": jax.process_index(),
+        "process_count": jax.process_count(),
         "device_count": jax.device_count(),
         "dtype": str(prob["y"].dtype),
         "metrics": without_times(metrics),

@@ -11,7 +11,9 @@ $q_0$ is a Gaussian fitted by the same EM with the analytic denoiser and a PPCA 
 
 [`diem`][] runs it all in a run directory: every lap is checkpointed atomically, so a killed run
 continues from its last finished lap and ends with the same result. Every key is
-`fold_in(key, ...)` of one key (stage, lap, batch), never global state.
+`fold_in(key, ...)` of one key (stage, lap, batch), never global state. In a multi-process run
+(`distributed.py`) every process computes, but only process 0 reads and writes the run
+directory; what it reads is broadcast to the others.
 """
 
 import json
@@ -32,7 +34,7 @@ from ..diffusion.schedule import VESchedule
 from ..inverse.operators import take
 from ..linalg.dplr import DPLR
 from ..linalg.ppca import ppca
-from . import checkpoint
+from . import checkpoint, distributed
 from .estep import EStep, posterior_samples
 from .mstep import MStep, maximize
 from .training import make_train_step
@@ -81,6 +83,41 @@ _EXTENDABLE = ("laps",)
 
 
 def _check_config(run_dir: Path, config: dict, overwrite: bool) -> None:
+    """Process 0 checks and writes `config.json`; every process raises the same `RunConflict`."""
+    conflict = None
+    if distributed.is_main():
+        try:
+            _check_config_main(run_dir, config, overwrite)
+        except RunConflict as error:
+            conflict = str(error)
+    conflict = distributed.broadcast_json(conflict)
+    if conflict is not None:
+        raise RunConflict(conflict)
+
+
+def _load(path: Path, like, accept: Callable[[dict], bool] = lambda metadata: True):
+    """`checkpoint.load(path, like)` as process 0 reads it, in every process; `None` if absent
+    or if `accept(metadata)` is false."""
+    found = checkpoint.load(path, like) if distributed.is_main() and path.exists() else None
+    if found is not None and not accept(found[1]):
+        found = None
+    header = distributed.broadcast_json({"found": found is not None, "metadata": found and found[1]})
+    if not header["found"]:
+        return None
+    return distributed.broadcast(like if found is None else found[0]), header["metadata"]
+
+
+def _write_json(path: Path, obj) -> None:
+    if distributed.is_main():
+        checkpoint.atomic_write_json(path, obj)
+
+
+def _save(path: Path, tree, metadata: dict) -> None:
+    if distributed.is_main():
+        checkpoint.save(path, tree, metadata=metadata)
+
+
+def _check_config_main(run_dir: Path, config: dict, overwrite: bool) -> None:
     path = run_dir / "config.json"
     config = json.loads(json.dumps(config))  # compare what config.json will hold (tuples -> lists)
     if path.exists():
@@ -151,12 +188,14 @@ def diem(
     run_dir = Path(run_dir)
     _check_config(run_dir, dict(config or {}), overwrite)
     metrics_path = run_dir / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {"q0": {}, "laps": []}
+    metrics = json.loads(metrics_path.read_text()) if distributed.is_main() and metrics_path.exists() else None
+    metrics = distributed.broadcast_json(metrics) or {"q0": {}, "laps": []}
 
     d = math.prod(event_shape)
     q0_like = (jnp.zeros(event_shape, y.dtype), DPLR(jnp.zeros(d, y.dtype), jnp.zeros((d, gaussian_rank), y.dtype)))
-    if (run_dir / "q0.eqx").exists():
-        (q0_mean, q0_cov), _ = checkpoint.load(run_dir / "q0.eqx", q0_like)
+    saved = _load(run_dir / "q0.eqx", q0_like)
+    if saved is not None:
+        (q0_mean, q0_cov), _ = saved
     else:
         start = time.perf_counter()
         n = y.shape[0] if gaussian_observations is None else gaussian_observations
@@ -175,14 +214,15 @@ def diem(
             start = time.perf_counter()
             metrics["q0"].update(evaluate(-1, GaussianDenoiser(q0_mean, q0_cov), q0_mean, None))  # lap -1: q0
             metrics["q0"]["eval_time"] = time.perf_counter() - start
-        checkpoint.atomic_write_json(metrics_path, metrics)  # first: q0.eqx marks q0 as done
-        checkpoint.save(run_dir / "q0.eqx", (q0_mean, q0_cov), metadata={})
+        _write_json(metrics_path, metrics)  # first: q0.eqx marks q0 as done
+        _save(run_dir / "q0.eqx", (q0_mean, q0_cov), metadata={})
 
     # The state after lap k: the model lap k + 1 starts from and samples with, and the mean of
     # lap k's samples. Before lap 0 the prior is q0 itself.
     state_like = (model, jnp.zeros(event_shape, y.dtype))
-    if (run_dir / "state.eqx").exists():
-        (model, mean), meta = checkpoint.load(run_dir / "state.eqx", state_like)
+    saved = _load(run_dir / "state.eqx", state_like)
+    if saved is not None:
+        (model, mean), meta = saved
         first = meta["lap"] + 1
         log(f"resuming after lap {meta['lap']}")
     else:
@@ -196,15 +236,15 @@ def diem(
         prior = GaussianDenoiser(q0_mean, q0_cov) if lap == 0 else model
         start = time.perf_counter()
         estep_path = run_dir / "estep.eqx"
-        saved = checkpoint.load(estep_path, samples_like) if estep_path.exists() else None
-        if saved is not None and saved[1]["lap"] == lap:
+        saved = _load(estep_path, samples_like, accept=lambda metadata, lap=lap: metadata["lap"] == lap)
+        if saved is not None:
             samples, info = saved[0], saved[1]["info"]
         else:
             samples, info = posterior_samples(
                 jax.random.fold_in(lap_key, 0), prior, A, y, var_y, estep,
                 event_shape=event_shape, mean=mean, prior_cov=q0_cov, desc=f"lap {lap} E-step",
             )
-            checkpoint.save(estep_path, samples, metadata={"lap": lap, "info": info})
+            _save(estep_path, samples, metadata={"lap": lap, "info": info})
         estep_time = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -229,8 +269,8 @@ def diem(
             lap_metrics.update(evaluate(lap, model, mean, samples))
             lap_metrics["eval_time"] = time.perf_counter() - start
         metrics["laps"].append(lap_metrics)
-        checkpoint.atomic_write_json(metrics_path, metrics)  # first: state.eqx marks the lap as done
-        checkpoint.save(run_dir / "state.eqx", (model, mean), metadata={"lap": lap})
+        _write_json(metrics_path, metrics)  # first: state.eqx marks the lap as done
+        _save(run_dir / "state.eqx", (model, mean), metadata={"lap": lap})
         log(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in lap_metrics.items()))
     return metrics
 

@@ -10,7 +10,8 @@ from typing import Literal
 import equinox as eqx
 from jaxtyping import Array, PRNGKeyArray
 
-from .sharding import batch_sharding
+from .distributed import gather
+from .sharding import batch_sharding, replicate
 from .training import TrainState, fit, optimizer
 
 
@@ -55,6 +56,9 @@ def maximize(
     the raw weights) and the loss of every step.
     """
     state = TrainState.create(model, mstep.optimizer(), ema=mstep.ema_decay is not None)
+    # Several processes: the state, the samples and the key on every device of every process;
+    # each step's batch is split over them all (data parallel over the global mesh).
+    state, samples, key = replicate((state, samples, key))
     state, losses = fit(
         state,
         samples,
@@ -66,4 +70,5 @@ def maximize(
         sharding=batch_sharding(),
         desc=desc,
     )
-    return (state.model if state.ema is None else state.ema), losses
+    model = gather(state.model if state.ema is None else state.ema)  # local arrays again
+    return model, losses

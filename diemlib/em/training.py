@@ -16,6 +16,7 @@ import optax
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray, PyTree
 
 from ..progress import counting, tick
+from .distributed import gather
 
 LossFn = Callable[[PyTree, Array, PRNGKeyArray], Float[Array, ""]]
 StepFn = Callable[[PyTree, Array, PRNGKeyArray], tuple[PyTree, Float[Array, ""]]]
@@ -198,7 +199,7 @@ def fit(
 
     **Raises:** `FloatingPointError` naming the first step with a non-finite loss.
     """
-    start = int(state.step) if start is None else start
+    start = int(gather(state.step)) if start is None else start
     stop = start + steps
     losses = []
     with counting(steps, desc) as bar:
@@ -208,7 +209,7 @@ def fit(
                 batch_size=batch_size, step_fn=step_fn, augment=augment, chunk=chunk,
                 sharding=sharding,
             )
-            chunk_losses = chunk_losses[: min(chunk, stop - first)]
+            chunk_losses = gather(chunk_losses)[: min(chunk, stop - first)]  # a local array
             bad = jnp.flatnonzero(~jnp.isfinite(chunk_losses))
             if bad.size:
                 raise FloatingPointError(f"non-finite loss at step {first + int(bad[0])}")

@@ -32,6 +32,11 @@ class Covariance(eqx.Module):
     """A choice of the covariance $V$ of $q(x \\mid x_t)$ inside the solve (paper §4.2;
     docs/conventions.md, 'Covariance choices')."""
 
+    def at(self, x_t: Array, sigma: Array, vjp: Callable[[Array], Array]) -> "Covariance":
+        """The choice ready for one denoiser call at `x_t`: what it computes once per call, before
+        the solve (e.g. TMPD's diagonal, `diemlib.inverse.baselines`). By default, itself."""
+        return self
+
     @abc.abstractmethod
     def __call__(self, u: Array, sigma: Array, vjp: Callable[[Array], Array]) -> Array:
         """Returns $V u$; `vjp` is the closure $u \\mapsto J^\\top u$ of the denoiser."""
@@ -124,6 +129,7 @@ def posterior_mean(
     x_hat, vjp_fn = jax.vjp(denoise, x_t)
     vjp = lambda u: vjp_fn(u)[0]
     A_T = adjoint(A, x_t)
+    cov = cov.at(x_t, sigma, vjp)
 
     def matvec(v):
         return var_y * v + A(cov(A_T(v), sigma, vjp))

@@ -45,12 +45,20 @@ def corner(
     return fig
 
 
-def image_grid(rows: dict[str, np.ndarray], *, columns: int = 8, size: float = 1.0, title: str | None = None):
+def image_grid(
+    rows: dict[str, np.ndarray],
+    *,
+    columns: int = 8,
+    size: float = 1.0,
+    title: str | None = None,
+    limits: dict[str, tuple[float, float]] | None = None,
+):
     """Rows of images, one labelled row per entry of `rows` (paper Figs. 4-6).
 
     Each value is an array `(N, C, H, W)` of floats in the latent range $[-2, 2]$ (shown as
-    $[0, 1]$ with clipping) or `(N, H, W)` greyscale of any range (shown with its own limits);
-    the first `columns` images of each row are drawn.
+    $[0, 1]$ with clipping) or `(N, H, W)` greyscale, shown with the row's `limits[label]`
+    `(vmin, vmax)` if given, else with each image's own limits; the first `columns` images of
+    each row are drawn.
     """
     fig, axes = plt.subplots(
         len(rows), columns, figsize=(size * columns, size * len(rows) + 0.4 * bool(title)), squeeze=False
@@ -67,7 +75,8 @@ def image_grid(rows: dict[str, np.ndarray], *, columns: int = 8, size: float = 1
             if image.ndim == 3:
                 ax.imshow(np.clip((np.moveaxis(image, 0, -1) + 2) / 4, 0, 1), interpolation="nearest")
             else:
-                ax.imshow(image, cmap="gray", interpolation="nearest")
+                vmin, vmax = (limits or {}).get(label, (None, None))
+                ax.imshow(image, cmap="gray", interpolation="nearest", vmin=vmin, vmax=vmax)
         axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
     if title:
         fig.suptitle(title)

@@ -71,6 +71,14 @@ knob, `name = default  # help text`:
   with papermill's `inspect_notebook`, whose line regex gives up on any line with two `=`
   (as in `(>= 0)`).
 
+**Several processes** (`diemlib.em.distributed`). Under Slurm with more than one task, or with
+`--coordinator HOST:PORT --num-processes N --process-id I` (or the variables
+`DIEMLIB_COORDINATOR`, `DIEMLIB_NUM_PROCESSES`, `DIEMLIB_PROCESS_ID`), every process runs the
+same command and the runner adds a first cell, tagged `injected-distributed`, that starts
+`jax.distributed` in the kernel before the notebook's own cells. Process 0 writes the out dir as
+a single process would; every other process computes with it but runs the notebook in a
+temporary directory, removed at the end, so that nothing it writes reaches the out dir.
+
 **Exit status.** 0: the notebook ran; 1: it raised (the executed notebook in the out dir shows
 where); 2: bad input, nothing written.
 """
@@ -83,7 +91,8 @@ import logging
 import os
 import re
 import sys
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -296,8 +305,39 @@ def run(plan: Plan, progress: bool = True, log_output: bool = True) -> Path:
 
     Creates the out dir, writes `params.yaml`, then runs the notebook (kernel python3, cwd =
     repository root) with the resolved values and `out_dir` injected, saving the executed
-    notebook `<stem>.ipynb` after every cell (and on failure, with the error in it).
+    notebook `<stem>.ipynb` after every cell (and on failure, with the error in it). In one
+    of several processes, a first cell starts `jax.distributed`, and every process but 0 runs
+    in a temporary out dir (see the module's "Several processes").
     """
+    from ..em import distributed
+
+    if distributed.requested() is None:
+        return _execute(plan, progress, log_output)
+    cell = _distributed_cell()
+    plan = replace(plan, nb=_with_first_cell(plan.nb, cell))
+    if distributed.process_id_from_env() == 0:
+        return _execute(plan, progress, log_output)
+    with tempfile.TemporaryDirectory(prefix=f"diem-run-process{distributed.process_id_from_env()}-") as scratch:
+        return _execute(replace(plan, out_dir=Path(scratch)), progress, log_output)
+
+
+def _distributed_cell():
+    import nbformat
+
+    source = "# injected by diem-run: one of several processes (diemlib.em.distributed)\n" \
+             "from diemlib.em.distributed import initialize as _initialize\n_initialize()"
+    return nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-distributed"]})
+
+
+def _with_first_cell(nb, cell):
+    import copy
+
+    nb = copy.deepcopy(nb)
+    nb.cells.insert(0, cell)
+    return nb
+
+
+def _execute(plan: Plan, progress: bool, log_output: bool) -> Path:
     import papermill
 
     # papermill's own parameter inspection (a line regex) misreads `>=` in help comments and
@@ -425,7 +465,32 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--check", action="store_true",
                     help="validate and print the resolved parameters; run nothing")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    group = ap.add_argument_group(
+        "several processes", "one run over the devices of several processes or nodes (Slurm "
+        "needs none of these); every process runs the same command with its own --process-id")
+    group.add_argument("--coordinator", metavar="HOST:PORT",
+                       help="address of process 0 (sets DIEMLIB_COORDINATOR)")
+    group.add_argument("--num-processes", type=int, metavar="N",
+                       help="number of processes (sets DIEMLIB_NUM_PROCESSES)")
+    group.add_argument("--process-id", type=int, metavar="I",
+                       help="this process, 0 to N - 1 (sets DIEMLIB_PROCESS_ID)")
     return ap
+
+
+def _set_distributed_env(args) -> None:
+    """`--coordinator`, `--num-processes`, `--process-id` into the variables the kernel reads."""
+    from ..em import distributed
+
+    given = {distributed.ENV_COORDINATOR: args.coordinator,
+             distributed.ENV_NUM_PROCESSES: args.num_processes,
+             distributed.ENV_PROCESS_ID: args.process_id}
+    for name, value in given.items():
+        if value is not None:
+            os.environ[name] = str(value)
+    try:
+        distributed.requested()
+    except ValueError as error:
+        raise RunnerError(f"{error} (options --coordinator, --num-processes, --process-id)") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -433,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     root = args.root.resolve() if args.root else find_root()
     try:
+        _set_distributed_env(args)
         if args.notebook is None:
             if not args.list:
                 _parser().print_usage(sys.stderr)
