@@ -100,7 +100,7 @@ from diemlib.inverse import PixelMask, pixel_mask, simulate_observations
 from diemlib.linalg import solvers
 from diemlib.nn import cifar_unet, count_parameters
 from diemlib.workbook import write_metrics
-from diemlib.workbook.plots import image_grid
+from diemlib.workbook.plots import image_grid, show_saved
 from diemlib.workbook.runner import repo_path
 
 # Checked before any compute: the data set is read first, so a wrong path fails at once.
@@ -224,12 +224,7 @@ metrics = em.diem(
 
 # %%
 history = metrics["laps"]
-for name in ["q0"] + [f"lap{m['lap']:02d}" for m in history]:
-    image = plt.imread(out / f"samples_{name}.png")
-    plt.figure(figsize=(image.shape[1] / 100, image.shape[0] / 100))
-    plt.imshow(image)
-    plt.axis("off")
-    plt.show()
+show_saved(out / f"samples_{name}.png" for name in ["q0"] + [f"lap{m['lap']:02d}" for m in history])
 
 # %% [markdown]
 # ## FID and KID against the lap

@@ -14,9 +14,13 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
 
-def _channels_last(x: ArrayLike, channels_last: bool) -> Array:
-    x = jnp.asarray(x, jnp.float32)
-    return x if channels_last else x[..., None]
+def _unit_range(x, target, data_range, channels_last) -> tuple[Array, Array]:
+    """Both image batches as float32 `(B, H, W, C)` divided by `data_range` (one per image or one for all)."""
+    scale = jnp.reshape(jnp.asarray(data_range, jnp.float32), (-1, 1, 1, 1))
+    x, target = (jnp.asarray(a, jnp.float32) for a in (x, target))
+    if not channels_last:
+        x, target = x[..., None], target[..., None]
+    return x / scale, target / scale
 
 
 def psnr(
@@ -33,9 +37,7 @@ def psnr(
     - `x`, `target`: images of shape `(B, H, W, C)`, or `(B, H, W)` with `channels_last=False`.
     - `data_range`: $R$, a number or one per image (shape `(B,)`).
     """
-    x, target = _channels_last(x, channels_last), _channels_last(target, channels_last)
-    scale = jnp.reshape(jnp.asarray(data_range, jnp.float32), (-1, 1, 1, 1))
-    return dm_pix.psnr(x / scale, target / scale)
+    return dm_pix.psnr(*_unit_range(x, target, data_range, channels_last))
 
 
 def ssim(
@@ -46,6 +48,4 @@ def ssim(
     channels_last: bool = True,
 ) -> Float[Array, " B"]:
     """The SSIM of each image of `x` against `target` (shapes and `data_range` as in [`psnr`][])."""
-    x, target = _channels_last(x, channels_last), _channels_last(target, channels_last)
-    scale = jnp.reshape(jnp.asarray(data_range, jnp.float32), (-1, 1, 1, 1))
-    return dm_pix.ssim(x / scale, target / scale, max_val=1.0)
+    return dm_pix.ssim(*_unit_range(x, target, data_range, channels_last), max_val=1.0)

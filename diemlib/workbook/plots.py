@@ -1,4 +1,5 @@
-"""Figures shared by the notebooks (matplotlib only; every function returns its figure)."""
+"""Figures shared by the notebooks (matplotlib only; every function returns its figure, except
+[`show_saved`][], which displays figures already written)."""
 
 import matplotlib.pyplot as plt
 from matplotlib.colors import PowerNorm
@@ -82,3 +83,14 @@ def image_grid(
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def show_saved(paths) -> None:
+    """Displays saved PNG figures at their own size, one after the other (e.g. each lap's
+    sample grid, written while the run went and reread when a notebook resumes)."""
+    for path in paths:
+        image = plt.imread(path)
+        plt.figure(figsize=(image.shape[1] / 100, image.shape[0] / 100))
+        plt.imshow(image)
+        plt.axis("off")
+        plt.show()
