@@ -112,6 +112,33 @@ def test_cg_and_gmres_on_a_pytree_vector():
         np.testing.assert_allclose(np.concatenate([value["a"], value["b"]]), expected, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("method", [CG(3), CG(N, 0.3), GMRES(3)], ids=["cg", "cg-rtol", "gmres"])
+def test_independent_systems_in_one_solve_equal_separate_solves(method):
+    """`options={"systems": G}` with a block-diagonal operator over a pytree vector: the values
+    and the per-system stats equal G separate solves (with a tolerance, each system stops on its
+    own residual: the three systems below need different numbers of CG steps)."""
+    blocks = [_spd(seed) for seed in range(3)]
+    mats = jnp.asarray(np.stack([m for m, _ in blocks]))
+    bs = np.stack([b for _, b in blocks])
+
+    def mv(v):  # leaves (G, 2) and (G, N - 2): one block of the operator per system
+        flat = jnp.einsum("gij,gj->gi", mats, jnp.concatenate([v["a"], v["b"]], axis=1))
+        return {"a": flat[:, :2], "b": flat[:, 2:]}
+
+    structure = {"a": jax.ShapeDtypeStruct((3, 2), jnp.float64), "b": jax.ShapeDtypeStruct((3, N - 2), jnp.float64)}
+    operator = lx.FunctionLinearOperator(mv, structure, lx.positive_semidefinite_tag)
+    vector = {"a": jnp.asarray(bs[:, :2]), "b": jnp.asarray(bs[:, 2:])}
+    together = lx.linear_solve(operator, vector, method, options={"systems": 3}, throw=False)
+    for g, (matrix, b) in enumerate(blocks):
+        alone = _solve(matrix, b, method, (lx.positive_semidefinite_tag,))
+        value = np.concatenate([together.value["a"][g], together.value["b"][g]])
+        np.testing.assert_allclose(value, alone.value, rtol=1e-10, atol=1e-12)
+        for name in ("num_steps", "residual"):
+            np.testing.assert_allclose(together.stats[name][g], alone.stats[name], rtol=1e-10, atol=1e-12)
+    if isinstance(method, CG) and method.rtol:
+        assert len(set(np.asarray(together.stats["num_steps"]).tolist())) > 1
+
+
 @pytest.mark.parametrize("make", [CG, GMRES])
 @pytest.mark.parametrize("k", [1, 4])
 def test_k_iterations_cost_exactly_k_operator_products(make, k):

@@ -25,7 +25,7 @@ from jaxtyping import Array, ArrayLike, Float
 from ..diffusion.denoiser import broadcast_sigma
 from ..linalg.dplr import DPLR
 from .operators import LinearOperator, adjoint, apply
-from ..linalg.solvers import CG
+from ..linalg.solvers import CG, KrylovSolver
 
 
 class Covariance(eqx.Module):
@@ -120,11 +120,16 @@ def posterior_mean(
     var_y: Array,
     cov: Covariance,
     solver: lx.AbstractLinearSolver,
+    systems: int = 1,
 ) -> tuple[Array, dict]:
-    r"""$\hat{x} + \sigma^2 J^\top A^\top v$ with $(\Sigma_y + A V A^\top) v = y - A\hat{x}$, for one system.
+    r"""$\hat{x} + \sigma^2 J^\top A^\top v$ with $(\Sigma_y + A V A^\top) v = y - A\hat{x}$.
 
-    `x_t` is one sample (then inner products are per sample) or a whole batch with `A` applying
-    every observation's operator (then they are global over the batch, as in the reference).
+    `x_t` is a batch and `A` applies every sample's operator. With `systems = 1` the batch is one
+    system, its inner products global over the batch (the reference's form); with `systems = G`,
+    the batch splits into $G$ equal groups of consecutive samples, each its own system: the
+    denoiser acts on each sample alone, so the operator is block diagonal and our solvers
+    (`diemlib.linalg.solvers`) take every inner product per group while one batched VJP serves
+    all groups. Other lineax solvers know only one system: call them with `systems = 1`.
     """
     x_hat, vjp_fn = jax.vjp(denoise, x_t)
     vjp = lambda u: vjp_fn(u)[0]
@@ -137,7 +142,7 @@ def posterior_mean(
     structure = jax.ShapeDtypeStruct(y.shape, y.dtype)
     operator = lx.FunctionLinearOperator(matvec, structure, lx.positive_semidefinite_tag)
     b = y - A(x_hat)
-    solution = lx.linear_solve(operator, b, solver, throw=False)
+    solution = lx.linear_solve(operator, b, solver, options={"systems": systems}, throw=False)
     v = solution.value
     if "residual" in solution.stats:  # our solvers: free
         residual = solution.stats["residual"]
@@ -165,7 +170,9 @@ class MMPSDenoiser(eqx.Module):
       inner products (the reference's `jax.scipy.sparse.linalg.cg`; docs/conventions.md, 'Solver
       semantics'); an integer $g$: every $g$ consecutive samples share one system, all groups
       solved at once (`"sample"` is $g = 1$, `"batch"` is $g = B$; $g$ divides $B$). A batch of
-      8192 with $g = 256$ solves the reference's 32 systems of 256 in one call.
+      8192 with $g = 256$ solves the reference's 32 systems of 256 in one call. With our
+      solvers ([`CG`][], [`GMRES`][]) every scope costs the same: one batched VJP per operator
+      product, inner products per group; other lineax solvers are vmapped over the groups.
     """
 
     denoiser: Callable
@@ -197,16 +204,16 @@ class MMPSDenoiser(eqx.Module):
         sigma = broadcast_sigma(sigma, batch).astype(x_t.dtype)
         var_y = jnp.broadcast_to(jnp.asarray(self.var_y, self.y.dtype), self.y.shape)
 
-        def system(x, s, y, a, var):  # one system over a group of samples
+        def solve(x, s, y, a, var, systems):
             denoise = lambda z: self.denoiser(z, s)
             A = lambda z: apply(a, z)
-            s_x = s.reshape((group,) + (1,) * (x.ndim - 1))  # broadcasts against x
-            return posterior_mean(denoise, x, s_x, y, A, var, self.cov, self.solver)
+            s_x = s.reshape(s.shape + (1,) * (x.ndim - 1))  # broadcasts against x
+            return posterior_mean(denoise, x, s_x, y, A, var, self.cov, self.solver, systems)
 
-        if group == batch:
-            x, info = system(x_t, sigma, self.y, self.A, var_y)
-        else:
+        if group == batch or isinstance(self.solver, KrylovSolver):  # one call, batch // group systems
+            x, info = solve(x_t, sigma, self.y, self.A, var_y, batch // group)
+        else:  # a lineax solver: one vmapped call per group
             split = lambda leaf: leaf.reshape(batch // group, group, *leaf.shape[1:])
-            x, info = jax.vmap(system)(*jax.tree.map(split, (x_t, sigma, self.y, self.A, var_y)))
+            x, info = jax.vmap(lambda *args: solve(*args, 1))(*jax.tree.map(split, (x_t, sigma, self.y, self.A, var_y)))
             x = x.reshape(x_t.shape)
         return x, jax.tree.map(lambda v: jnp.repeat(jnp.ravel(v), batch // jnp.size(v)), info)
