@@ -15,6 +15,9 @@
 #   make notebook NB=02 PROFILE=ci ARGS="-p seeds 4"
 #   make params NB=02            a notebook's parameters, defaults and help
 #   make check-lab               headless Chromium: every notebooks/*.py opens as a notebook
+#   make gpu-smoke               on a GPU node, in minutes: one short lap of notebooks 01, 03, 04
+#                                and 05 at profile paper, E-/M-step throughput and peak memory
+#                                (ARGS="--only 03,04"; ARGS=--tiny: the CPU check, a few minutes)
 #   make bench | sync | env | clean-env
 
 SHELL := /bin/bash
@@ -45,7 +48,7 @@ LAB_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.py))
 ALL_PY := $(sort $(wildcard notebooks/*.py))
 
-.PHONY: help env run test notebook params bench sync lab check-lab clean-env
+.PHONY: help env run test notebook params bench gpu-smoke sync lab check-lab clean-env
 
 help:
 	@sed -n '1,/^$$/p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
@@ -88,6 +91,10 @@ bench: $(READY)
 	$(BIN)/python benchmarks/bench_mmps.py
 	$(BIN)/python benchmarks/bench_mstep.py
 	$(BIN)/python benchmarks/bench_estep.py
+	$(BIN)/python benchmarks/bench_eval.py
+
+gpu-smoke: $(READY)
+	$(BIN)/python benchmarks/gpu_smoke.py $(ARGS)
 
 # A .py not yet paired (no `formats:` in its jupytext header) is paired with its .ipynb first.
 sync: $(READY)
