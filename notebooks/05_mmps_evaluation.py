@@ -22,8 +22,8 @@
 # **Scale.** The defaults below are a quick interactive run (minutes on a laptop CPU): a tiny
 # U-Net trained briefly on clean CIFAR-10, 8 test images per task, 10 sampler steps. Its numbers
 # show the mechanics only. `diem-run 05 --profile laptop` trains a small U-Net for 800 Adam
-# steps and compares the methods on 32 images per task at 10 and 100 steps (meant for about 40
-# minutes on 2 idle cores; its params file says what was measured). `--profile paper` is the
+# steps and compares the methods on 32 images per task at 10 and 100 steps (53 minutes on 2
+# cores shared with another notebook run, 39 of CPU time; its params file has the details). `--profile paper` is the
 # benchmark's protocol for GPU nodes: the paper-size CIFAR U-Net, 1 000 images per task, 10, 100
 # and 1 000 steps.
 #
