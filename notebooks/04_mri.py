@@ -171,8 +171,12 @@ print(jax.devices(), f"{source}: {observations} training and {len(test_x)} held-
 # the anatomy: structure that is not noise, and that a model must learn to remove.
 
 # %%
-masks = jax.vmap(lambda k: kspace_mask(k, acceleration, size))(jax.random.split(keys["masks"], observations))
-A = MaskedFFT(masks.astype(jnp.float32))
+def fresh_masks(key, R, count):
+    """`count` operators, each with its own column mask at acceleration R."""
+    return MaskedFFT(jax.vmap(lambda k: kspace_mask(k, R, size))(jax.random.split(key, count)).astype(jnp.float32))
+
+
+A = fresh_masks(keys["masks"], acceleration, observations)
 y = simulate_observations(keys["noise"], A, jnp.asarray(train_x), var_y)
 like = jax.ShapeDtypeStruct(event, jnp.float32)
 
@@ -188,11 +192,6 @@ def kspace(x):
     return jnp.log10(jnp.hypot(k[:, 0], k[:, 1]) + 1e-3)
 
 
-def fresh_masks(key, R, count):
-    """`count` operators, each with its own column mask at acceleration R."""
-    return MaskedFFT(jax.vmap(lambda k: kspace_mask(k, R, size))(jax.random.split(key, count)).astype(jnp.float32))
-
-
 shown = 8  # images per row of the figures
 demo = jnp.asarray(test_x[:1]).repeat(len(accelerations), 0)
 A_demo = MaskedFFT(jnp.stack([kspace_mask(jax.random.fold_in(keys["demo"], R), R, size) for R in accelerations]).astype(jnp.float32))
@@ -206,7 +205,7 @@ fig = image_grid(rows, columns=len(accelerations), size=1.6, limits={"slice x": 
                  title=f"{source}: R = {', '.join(map(str, accelerations))} (columns)")
 fig.savefig(out / "kspace.png", dpi=100)
 plt.show()
-print(f"columns kept: {float(masks.mean()):.1%} of {size} on average in training (R = {acceleration})")
+print(f"columns kept: {float(A.mask.mean()):.1%} of {size} on average in training (R = {acceleration})")
 
 # %% [markdown]
 # Here is what EM sees: only the observations, shown through their zero-filled images. No
