@@ -42,9 +42,6 @@
 #
 # Each lap increases the evidence; the prior sharpens from a Gaussian blob to the manifold.
 
-# %%
-_before_parameters = set(globals())
-
 # %% tags=["parameters"]
 seed = 0  # the run's seed: every key is fold_in(seed, ...)
 dimension = 5  # latent dimension n (> 0)
@@ -78,12 +75,9 @@ overwrite = False  # start afresh if out_dir holds a run with other parameters
 out_dir = "../outputs/01_manifold/interactive"  # where figures, metrics.json and checkpoints go (set by diem-run)
 
 # %%
-# Every parameter of this run (defaults, params file and overrides): a run directory holding a
-# run with other values is refused instead of mixed.
-config = {
-    k: v for k, v in globals().items()
-    if k not in _before_parameters and not k.startswith("_") and k not in ("out_dir", "overwrite")
-}
+from diemlib.workbook.runner import run_config
+
+config = run_config("01_manifold", globals())  # every parameter: a run directory holding other values is refused
 
 from pathlib import Path
 

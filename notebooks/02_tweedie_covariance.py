@@ -63,9 +63,6 @@
 # the only approximation left is the choice of $\mathbb{V}[x \mid x_t]$, and measure how far each
 # $q(x_t \mid y) \propto p(x_t)\, q(y \mid x_t)$ lands from the true $p(x_t \mid y)$.
 
-# %%
-_before_parameters = set(globals())
-
 # %% tags=["parameters"]
 seed = 0  # the run's seed: every key is fold_in(seed, ...) (>= 0)
 seeds = 3  # independent experiments (manifold, W, y, samples) behind each curve of Fig. 2 (> 0)
@@ -87,7 +84,9 @@ chunk = 8192  # noised prior samples weighted at once, bounds the memory (> 0)
 out_dir = "../outputs/02_tweedie_covariance/interactive"  # where figures and metrics.json go (set by diem-run)
 
 # %%
-config = {k: v for k, v in globals().items() if k not in _before_parameters and not k.startswith("_") and k != "out_dir"}
+from diemlib.workbook.runner import run_config
+
+config = run_config("02_tweedie_covariance", globals())  # every parameter, recorded in metrics.json
 
 import time
 from pathlib import Path

@@ -37,9 +37,6 @@
 # **M-step** trains the denoiser on those samples. The paper reaches FID 5.88 / 6.76 / 13.18 at
 # $\rho$ = 25 / 50 / 75 % after 32 laps, close to a model trained on clean images.
 
-# %%
-_before_parameters = set(globals())
-
 # %% tags=["parameters"]
 seed = 0  # the run's seed: every key is fold_in(seed, ...) (>= 0)
 cifar10 = "data/cifar-10-python.tar.gz"  # CIFAR-10, relative to the repository root: cifar-10-python.tar.gz, cifar-10-batches-{py,bin}/, an image folder <root>/<split>/<class>/*.png|jpg, or a .tar.gz of one
@@ -76,11 +73,9 @@ overwrite = False  # start afresh if out_dir holds a run with other parameters
 out_dir = "../outputs/03_cifar10/interactive"  # where figures, metrics.json and checkpoints go (set by diem-run)
 
 # %%
-# Every parameter of this run: a run directory holding a run with other values is refused.
-config = {
-    k: v for k, v in globals().items()
-    if k not in _before_parameters and not k.startswith("_") and k not in ("out_dir", "overwrite")
-}
+from diemlib.workbook.runner import run_config
+
+config = run_config("03_cifar10", globals())  # every parameter: a run directory holding other values is refused
 
 import math
 import time

@@ -29,12 +29,14 @@
 # needs the fastMRI files, which you download yourself after accepting their licence; without
 # them it stops at once and says what it expected.
 #
-# **Data.** fastMRI cannot be downloaded here, so the defaults and the `ci` and `laptop`
-# profiles use a stand-in: the slices of one T1-weighted brain MRI volume (a NIfTI file, by
-# default `data/colin27-t1.nii.gz`, the Colin27 head), from which we *simulate* k-space by an
-# FFT. It is magnitude-only data of a single subject, a brain rather than a knee, without phase
-# or coil noise: every number and figure below is about **simulated k-space from a brain MRI
-# volume**, not about fastMRI.
+# **Data.** fastMRI needs a licence and a download, so the defaults and the `ci` and `laptop`
+# profiles use a stand-in that every install has: the slices of the MNI152 T1 template, a brain
+# MRI volume averaged over 152 subjects (skull removed) that ships inside the `nilearn` package,
+# from which we *simulate* k-space by an FFT. Any NIfTI volume can take its place
+# (`brain_volume`, e.g. the Colin27 head of one subject). It is magnitude-only data, a brain
+# rather than a knee, without phase or coil noise, and an average is smoother than any one
+# scan: every number and figure below is about **simulated k-space from a template**, not about
+# fastMRI.
 #
 # An MRI scanner measures the Fourier transform of the image, *k-space*, one column (one phase
 # encoding line) at a time. Scanning faster means measuring fewer columns: at acceleration $R$,
@@ -42,14 +44,11 @@
 # prior would need; it holds these under-sampled scans. DiEM learns a diffusion prior over
 # images from them alone, and that prior then reconstructs new scans.
 
-# %%
-_before_parameters = set(globals())
-
 # %% tags=["parameters"]
 seed = 0  # the run's seed: every key is fold_in(seed, ...) (>= 0)
 fastmri = ""  # fastMRI single-coil knee training volumes (knee_singlecoil_train: a directory of .h5 files, or one), relative to the repository root; "" uses brain_volume
 fastmri_val = ""  # fastMRI volumes of the held-out slices (knee_singlecoil_val); needed with fastmri
-brain_volume = "data/colin27-t1.nii.gz"  # the offline stand-in: a 3-D brain MRI volume (NIfTI), relative to the repository root
+brain_volume = ""  # the offline stand-in: a 3-D brain MRI volume (NIfTI), relative to the repository root; "": the MNI152 T1 template that ships with nilearn (an average of 152 brains)
 orientations = ["axial", "coronal", "sagittal"]  # brain_volume: the cuts taken; one of: axial, coronal, sagittal
 min_tissue = 0.25  # brain_volume: keep slices with at least this fraction of tissue (>= 0, < 1)
 size = 32  # image size N; fastMRI slices are 320 (> 0)
@@ -90,11 +89,9 @@ overwrite = False  # start afresh if out_dir holds a run with other parameters
 out_dir = "../outputs/04_mri/interactive"  # where figures, metrics.json and checkpoints go (set by diem-run)
 
 # %%
-# Every parameter of this run: a run directory holding a run with other values is refused.
-config = {
-    k: v for k, v in globals().items()
-    if k not in _before_parameters and not k.startswith("_") and k not in ("out_dir", "overwrite")
-}
+from diemlib.workbook.runner import run_config
+
+config = run_config("04_mri", globals())  # every parameter: a run directory holding other values is refused
 
 import math
 from pathlib import Path
@@ -106,7 +103,7 @@ import numpy as np
 
 from diemlib import em
 from diemlib.data.augment import FlipTranslate
-from diemlib.data.mri import holdout, load_brain_volume, load_fastmri, to_magnitude
+from diemlib.data.mri import holdout, load_brain_volume, load_fastmri, mni152_template, to_magnitude
 from diemlib.diffusion import DDIM, DDPM, Denoiser, VESchedule
 from diemlib.em import checkpoint
 from diemlib.eval import evidence_divergence, psnr, ssim
@@ -128,8 +125,9 @@ if fastmri:
     train_x = load_fastmri(repo_path(fastmri), size=size, limit=observations or None)
     test_x = load_fastmri(repo_path(fastmri_val), size=size, slices=(25, 26), limit=held_out)  # one central slice per volume
 else:
-    source = "simulated k-space from a brain MRI volume"
-    slices = load_brain_volume(repo_path(brain_volume), size=size, orientations=tuple(orientations), min_tissue=min_tissue)
+    volume = repo_path(brain_volume) if brain_volume else mni152_template()
+    source = f"simulated k-space from {'the MNI152 template (an average of 152 brains)' if not brain_volume else volume.name}"
+    slices = load_brain_volume(volume, size=size, orientations=tuple(orientations), min_tissue=min_tissue)
     train, test = holdout(len(slices), held_out, holdout_gap)
     train_x, test_x = slices[train][: observations or None], slices[test]
 observations = len(train_x)

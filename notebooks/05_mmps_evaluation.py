@@ -36,9 +36,6 @@
 # the DPS pre-trained model; we train our own prior on CIFAR-10, since no pre-trained model can
 # be downloaded here.
 
-# %%
-_before_parameters = set(globals())
-
 # %% tags=["parameters"]
 seed = 0  # the run's seed: every key is fold_in(seed, ...) (>= 0)
 cifar10 = "data/cifar-10-python.tar.gz"  # CIFAR-10, relative to the repository root (the layouts notebook 03 reads)

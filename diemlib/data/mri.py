@@ -14,8 +14,11 @@ orthonormal 2-D FFT of the latent, under-sampled by a column mask.
   the reconstructions. The data needs a licence and a download, so it is never fetched.
 - [`load_brain_volume`][]: an offline stand-in, the slices with tissue of one 3-D brain MRI
   volume (NIfTI, read with nibabel), in one to three orientations, zero-padded to a square and
-  resized to $N \times N$. It is magnitude-only data from one subject, without phase or coil
-  noise: k-space made from it is *simulated* single-coil data, to be labelled as such.
+  resized to $N \times N$. It is magnitude-only data without phase or coil noise: k-space made
+  from it is *simulated* single-coil data, to be labelled as such. [`mni152_template`][] is the
+  volume every install has: the MNI152 T1 template (ICBM 2009a, symmetric, 1 mm; an average of
+  152 brains, skull removed) that the `nilearn` wheel ships; any other NIfTI volume, such as the
+  Colin27 head of one subject, can take its place.
 
 [`holdout`][] splits slices into training and held-out sets, keeping held-out slices away from
 their neighbours (adjacent slices of a volume look alike).
@@ -23,6 +26,7 @@ their neighbours (adjacent slices of a volume look alike).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -35,6 +39,7 @@ __all__ = [
     "holdout",
     "load_brain_volume",
     "load_fastmri",
+    "mni152_template",
     "from_magnitude",
     "to_magnitude",
 ]
@@ -155,6 +160,29 @@ def _resize(image: np.ndarray, size: int) -> np.ndarray:
     if side == size:
         return square
     return np.asarray(jax.image.resize(square, (size, size), "linear", antialias=True))
+
+
+MNI152_FILE = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+
+
+def mni152_template() -> Path:
+    """The MNI152 T1 template that the `nilearn` wheel ships (the file its
+    `load_mni152_template` reads; 197 × 233 × 189 voxels of 1 mm, an average of 152 brains,
+    skull removed), found without importing nilearn.
+
+    **Raises:** `ModuleNotFoundError` naming the package to install, `FileNotFoundError` if this
+    nilearn does not ship the file.
+    """
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(
+            "the MNI152 template ships with nilearn: pip install nilearn (the workbook's `data` extra), "
+            "or give a NIfTI volume of your own"
+        )
+    path = Path(spec.origin).parent / "datasets" / "data" / MNI152_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: this nilearn does not ship {MNI152_FILE}; give a NIfTI volume of your own")
+    return path
 
 
 def load_brain_volume(

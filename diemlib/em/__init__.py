@@ -4,10 +4,10 @@
 """
 
 from .driver import RunConflict, diem, fit_gaussian
-from .estep import EStep, discard_outside, posterior_samples, prior_samples
+from .estep import EStep, SolverDivergenceWarning, discard_outside, posterior_samples, prior_samples, warn_if_diverged
 from .mstep import MStep, maximize
 
 __all__ = [
-    "EStep", "MStep", "RunConflict", "diem", "discard_outside", "fit_gaussian", "maximize",
-    "posterior_samples", "prior_samples",
+    "EStep", "MStep", "RunConflict", "SolverDivergenceWarning", "diem", "discard_outside", "fit_gaussian",
+    "maximize", "posterior_samples", "prior_samples", "warn_if_diverged",
 ]

@@ -35,7 +35,7 @@ from ..inverse.operators import take
 from ..linalg.dplr import DPLR
 from ..linalg.ppca import ppca
 from . import checkpoint, distributed
-from .estep import EStep, posterior_samples
+from .estep import EStep, posterior_samples, warn_if_diverged
 from .mstep import MStep, maximize
 from .training import make_train_step
 
@@ -237,8 +237,9 @@ def diem(
         start = time.perf_counter()
         estep_path = run_dir / "estep.eqx"
         saved = _load(estep_path, samples_like, accept=lambda metadata, lap=lap: metadata["lap"] == lap)
-        if saved is not None:
+        if saved is not None:  # a resumed run: its warning, if any, again
             samples, info = saved[0], saved[1]["info"]
+            warn_if_diverged(info["residual"], estep, f"lap {lap} E-step")
         else:
             samples, info = posterior_samples(
                 jax.random.fold_in(lap_key, 0), prior, A, y, var_y, estep,

@@ -7,6 +7,7 @@ number of devices.
 """
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Literal
 
@@ -105,10 +106,46 @@ def posterior_samples(
         jax.block_until_ready(samples)
         samples, infos = gather((samples, infos))  # several processes: every one gets every sample
     info = {name: float(jnp.mean(jnp.stack([i[name] for i in infos]))) for name in infos[0]}
+    warn_if_diverged(info["residual"], estep, desc)
     samples = jnp.concatenate(samples)[:total]
     if estep.bound is not None:
         samples, info["discarded"] = discard_outside(jax.random.fold_in(key, batches), samples, estep.bound)
     return samples, info
+
+
+class SolverDivergenceWarning(RuntimeWarning):
+    """The MMPS linear solve of an E-step diverged: its relative residual grew above 1."""
+
+
+def warn_if_diverged(residual: float, estep: EStep, where: str) -> bool:
+    r"""Warns with [`SolverDivergenceWarning`][] when the E-step's mean relative residual
+    $\|b - M v\| / \|b\|$ exceeds 1 (or is not finite); returns whether it did.
+
+    From $v_0 = 0$ the residual starts at 1, so above 1 the solve made $v$ worse than no
+    correction at all: the posterior samples are then not samples of the posterior, and an M-step
+    trained on them teaches the prior noise. It happens with CG when $\Sigma_y + A V A^\top$ is
+    not positive definite, which Tweedie's covariance $\sigma^2 \nabla \hat{x}$ does not
+    guarantee for a network, least of all a barely trained one (the paper, §4, notes the
+    Jacobian's asymmetry). The message names the remedies.
+    """
+    if residual <= 1:
+        return False
+    name = type(estep.solver).__name__
+    remedy = (
+        "GMRES (solver 'gmres') handles the non-symmetric, indefinite systems a young network gives"
+        if "GMRES" not in name
+        else "more solver iterations"
+    )
+    if estep.cov == "tweedie":
+        remedy += "; or the 'sigma' covariance until the network has trained a lap or two"
+    warnings.warn(
+        f"{where}: the MMPS solve diverged ({name}, {getattr(estep.solver, 'max_steps', '?')} iterations, "
+        f"'{estep.cov}' covariance): mean relative residual {residual:.3g} > 1, so these posterior samples "
+        f"are not trustworthy. Remedy: {remedy}.",
+        SolverDivergenceWarning,
+        stacklevel=3,
+    )
+    return True
 
 
 def discard_outside(key: PRNGKeyArray, samples: Array, bound: float) -> tuple[Array, float]:

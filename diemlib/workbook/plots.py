@@ -85,6 +85,20 @@ def image_grid(
     return fig
 
 
+def mark_diverged(axes, history: list[dict], threshold: float = 1.0) -> list[int]:
+    """Shades, on every panel of a per-lap figure, the laps whose E-step solve diverged (a mean
+    relative `residual` above `threshold`, see `diemlib.em.warn_if_diverged`) and labels the first
+    panel; returns those laps."""
+    diverged = [m["lap"] for m in history if not m.get("residual", 0.0) <= threshold]
+    for ax in np.ravel(axes):
+        for i, lap in enumerate(diverged):
+            ax.axvspan(lap - 0.4, lap + 0.4, color="red", alpha=0.15, lw=0,
+                       label="E-step solve diverged" if i == 0 and ax is np.ravel(axes)[0] else None)
+    if diverged:
+        np.ravel(axes)[0].legend()
+    return diverged
+
+
 def show_saved(paths) -> None:
     """Displays saved PNG figures at their own size, one after the other (e.g. each lap's
     sample grid, written while the run went and reread when a notebook resumes)."""

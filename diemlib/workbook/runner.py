@@ -113,6 +113,7 @@ __all__ = [
     "read_notebook",
     "resolve",
     "run",
+    "run_config",
     "validate",
     "write_metrics",
 ]
@@ -154,6 +155,25 @@ def repo_path(path: str | Path) -> Path:
     """
     path = Path(path).expanduser()
     return path if path.is_absolute() else find_root() / path
+
+
+def run_config(notebook: str, namespace: dict[str, Any]) -> dict[str, Any]:
+    """What a notebook run computes: the value in `namespace` (the notebook's `globals()`, right
+    after its parameters cell) of every parameter its parameters cell declares, except `out_dir`
+    and `overwrite` (where the run goes, whether to start afresh). EM runs keep it in their run
+    directory and refuse to resume one made with other values.
+
+    `notebook` is the notebook's stem (`04_mri`), read from `notebooks/` under the repository
+    root, so the same names come back in JupyterLab (kernel in `notebooks/`) and under `diem-run`
+    (kernel in the root), whatever else the kernel has defined.
+    """
+    root = find_root()
+    path = find_notebook(notebook, root)
+    names = notebook_parameters(read_notebook(path), path.stem)
+    missing = [name for name in names if name not in namespace]
+    if missing:
+        raise RunnerError(f"{path.stem}: run its parameters cell first ({', '.join(missing)} undefined)")
+    return {name: namespace[name] for name in names if name not in ("out_dir", "overwrite")}
 
 
 def list_notebooks(root: Path) -> list[Path]:
