@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import equinox as eqx
@@ -733,3 +734,39 @@ def test_ci_profile_resumes_after_sigkill(ci_run, tmp_path):
     assert summary(out) == summary(ci_run)
     for name in ("q0.eqx", "estep.eqx", "state.eqx"):
         assert (out / "run" / name).read_bytes() == (ci_run / "run" / name).read_bytes(), name
+
+
+class _IndefiniteDenoiser(eqx.Module):
+    """$D(x) = s \\odot x$ with signs of both kinds: Tweedie's covariance $\\sigma^2 \\operatorname{diag}(s)$
+    makes $\\Sigma_y + A V A^\\top$ indefinite, as a young network's Jacobian can."""
+
+    s: jax.Array
+
+    def __call__(self, x, sigma):
+        return x * self.s
+
+
+@pytest.mark.parametrize("solver", ["cg", "gmres"])
+def test_diverged_solve_warns_with_lap_solver_residual_and_remedy(solver):
+    """One CG step on an indefinite system overshoots (relative residual far above 1): the E-step
+    warns, naming where, the solver, the residual and the remedy. GMRES, whose residual never
+    exceeds 1 (it minimises it over a space that holds v = 0), solves the same system quietly."""
+    n, d, var_y = 64, 4, 1e-4
+    x = jax.random.normal(jax.random.key(0), (n, d))
+    A = operators.broadcast(operators.Matrix(jnp.eye(d)), n)
+    y = simulate_observations(jax.random.key(1), A, x, var_y)
+    estep = em.EStep(DDPM(SCHEDULE, 8), solvers.solver(solver, 1), batch_size=n)
+    denoiser = _IndefiniteDenoiser(jnp.array([1.0, -1.0, 0.5, -0.5]))
+    run = lambda: em.posterior_samples(jax.random.key(2), denoiser, A, y, var_y, estep, event_shape=(d,), desc="lap 3 E-step")
+    if solver == "gmres":
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", em.SolverDivergenceWarning)
+            _, info = run()
+        assert info["residual"] <= 1
+        return
+    with pytest.warns(em.SolverDivergenceWarning) as caught:
+        _, info = run()
+    assert info["residual"] > 1
+    message = str(caught[0].message)
+    for needed in ("lap 3 E-step", "CG", f"{info['residual']:.3g}", "GMRES", "'sigma' covariance"):
+        assert needed in message, (needed, message)

@@ -14,11 +14,14 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
 
-def _unit_range(x, target, data_range, channels_last) -> tuple[Array, Array]:
-    """Both image batches as float32 `(B, H, W, C)` divided by `data_range` (one per image or one for all)."""
+def _unit_range(x, target, data_range) -> tuple[Array, Array]:
+    """Both image batches as float32 `(B, H, W, C)` (greyscale `(B, H, W)` gains a channel axis),
+    divided by `data_range` (one per image or one for all)."""
     scale = jnp.reshape(jnp.asarray(data_range, jnp.float32), (-1, 1, 1, 1))
     x, target = (jnp.asarray(a, jnp.float32) for a in (x, target))
-    if not channels_last:
+    if x.shape != target.shape or x.ndim not in (3, 4):
+        raise ValueError(f"expected two batches of images (B, H, W, C) or (B, H, W) of one shape, got {x.shape} and {target.shape}")
+    if x.ndim == 3:
         x, target = x[..., None], target[..., None]
     return x / scale, target / scale
 
@@ -28,16 +31,15 @@ def psnr(
     target: Float[ArrayLike, "B H W *C"],
     *,
     data_range: ArrayLike,
-    channels_last: bool = True,
 ) -> Float[Array, " B"]:
     r"""The PSNR of each image of `x` against `target`, in dB.
 
     **Arguments:**
 
-    - `x`, `target`: images of shape `(B, H, W, C)`, or `(B, H, W)` with `channels_last=False`.
+    - `x`, `target`: images of shape `(B, H, W, C)` (channels last), or `(B, H, W)` (greyscale).
     - `data_range`: $R$, a number or one per image (shape `(B,)`).
     """
-    return dm_pix.psnr(*_unit_range(x, target, data_range, channels_last))
+    return dm_pix.psnr(*_unit_range(x, target, data_range))
 
 
 def ssim(
@@ -45,7 +47,6 @@ def ssim(
     target: Float[ArrayLike, "B H W *C"],
     *,
     data_range: ArrayLike,
-    channels_last: bool = True,
 ) -> Float[Array, " B"]:
     """The SSIM of each image of `x` against `target` (shapes and `data_range` as in [`psnr`][])."""
-    return dm_pix.ssim(*_unit_range(x, target, data_range, channels_last), max_val=1.0)
+    return dm_pix.ssim(*_unit_range(x, target, data_range), max_val=1.0)
