@@ -1,4 +1,4 @@
-r"""CIFAR-10 (Krizhevsky 2009) from local files: no download, no pickle code execution.
+r"""CIFAR-10 (Krizhevsky 2009) from local files, the official archive fetched on demand; no pickle code execution.
 
 `load_cifar10(path, split)` returns `(images, labels)`: `images` a `uint8` array of shape
 `(N, 3, 32, 32)` (channels first), `labels` an `int32` array of shape `(N,)` with the official
@@ -32,6 +32,12 @@ file 1 of every class, and so on; the first `limit` images therefore cover all c
 evenly as possible, and `load_cifar10(p, s, limit=n)` is exactly the first `n` images of
 `load_cifar10(p, s)`. Only the images kept are decoded.
 
+`cifar10_source(path)` is what the notebooks call first with their `cifar10` parameter: `path`
+if it exists, else, when it names the official `cifar-10-python.tar.gz`, that archive fetched
+there from Krizhevsky's page and checked against its published MD5 (off with
+`DIEMLIB_DOWNLOAD=0`); otherwise a `DataUnavailable` whose message says what to put where.
+`load_cifar10` itself only reads local files.
+
 `to_latent` maps a pixel $p \in \{0, \dots, 255\}$ to $x = 4p/256 - 2 \in [-2, 2)$ (float32),
 `from_latent` is its inverse (rounded to the nearest pixel, clipped to $[0, 255]$).
 """
@@ -47,10 +53,18 @@ from pathlib import Path
 
 import numpy as np
 
+from .download import ENV_DOWNLOAD, DataUnavailable, downloads_enabled, fetch
+
 __all__ = [
+    "CIFAR10_ARCHIVE",
     "CIFAR10_CLASSES",
+    "CIFAR10_MD5",
+    "CIFAR10_SIZE",
+    "CIFAR10_URL",
     "CIFAR10FormatError",
+    "DataUnavailable",
     "UnsafePickleError",
+    "cifar10_source",
     "from_latent",
     "load_cifar10",
     "restricted_unpickle",
@@ -434,3 +448,65 @@ def load_cifar10(path: str | os.PathLike, split: str = "train", *, limit: int | 
     if path.is_dir():
         return _load_directory(path, split, limit)
     return _load_archive(path, split, limit)
+
+
+# ----------------------------------------------------------------------------- the official archive, on demand
+
+CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR10_SIZE = 170_498_071
+
+
+def _unavailable(path: Path, reason: str, url: str, md5: str, size: int | None) -> DataUnavailable:
+    """The message of a missing CIFAR-10: what to put where, where to get it, the other layouts."""
+    archive = path if path.name == CIFAR10_ARCHIVE else path.parent / CIFAR10_ARCHIVE
+    point = "" if archive == path else "and set the notebook's `cifar10` parameter to it, "
+    return DataUnavailable(
+        f"CIFAR-10 is missing: {reason}.\n"
+        f"Put the official archive {CIFAR10_ARCHIVE}{'' if size is None else f' ({size:,} bytes)'} at\n"
+        f"    {archive}\n"
+        f"{point}fetching it on a machine with internet access if this one has none:\n"
+        f"    curl -O {url}\n"
+        f"    md5sum {CIFAR10_ARCHIVE}    # must print {md5}\n"
+        f"Or point `cifar10` at a copy in another layout; {_EXPECTED}.\n"
+        f"Fetching a missing {CIFAR10_ARCHIVE} is on by default, off with {ENV_DOWNLOAD}=0 or download=False "
+        f"(unset the variable or set it to 1 to turn it on); `make data` fetches it ahead into data/."
+    )
+
+
+def cifar10_source(
+    path: str | os.PathLike,
+    *,
+    download: bool | None = None,
+    url: str = CIFAR10_URL,
+    md5: str = CIFAR10_MD5,
+    size: int | None = CIFAR10_SIZE,
+) -> Path:
+    """The CIFAR-10 source at `path`, fetching the official archive there if it is missing.
+
+    The notebooks pass their `cifar10` parameter (resolved against the repository root) and
+    hand the result to `load_cifar10`. An existing `path` (any layout) is returned as is. A
+    missing `path` named `cifar-10-python.tar.gz` is fetched from `url` (Krizhevsky's page,
+    the address torchvision uses), its folder created, its MD5 and size checked
+    (`diemlib.data.download.fetch`), unless fetching is off: `download=False`, or
+    `download=None` and `DIEMLIB_DOWNLOAD=0`.
+
+    **Raises:** `DataUnavailable` (a `FileNotFoundError`) when `path` is missing and was not
+    fetched: fetching off, the server unreachable (one connect timeout, no retries), the fetch
+    failed, or a name other than the official archive's. Its message names the file, the full
+    path where to put it, its address and MD5, the other layouts, and the switch; a notebook
+    shows it without a traceback.
+    """
+    path = Path(path).expanduser().absolute()
+    if path.exists():
+        return path
+    if path.name != CIFAR10_ARCHIVE:
+        raise _unavailable(path, f"{path} does not exist (only a missing {CIFAR10_ARCHIVE} is fetched)", url, md5, size)
+    if not downloads_enabled(download):
+        why = "download=False" if download is False else f"{ENV_DOWNLOAD}=0"
+        raise _unavailable(path, f"{path} does not exist and fetching is off ({why})", url, md5, size)
+    try:
+        return fetch(url, path, md5=md5, size=size, desc=f"CIFAR-10 {CIFAR10_ARCHIVE}")
+    except OSError as error:  # ServerUnreachable, another DownloadError, or a folder that cannot be written
+        raise _unavailable(path, f"{path} does not exist and fetching it failed: {error}", url, md5, size) from error
