@@ -1,4 +1,4 @@
-"""Evaluation: FID/KID (torch-fidelity, offline), PSNR/SSIM (dm-pix), the Sinkhorn number, the evidence check, the covariance study of §4.2."""
+"""Evaluation: FID/KID (torch-fidelity, offline), LPIPS (the reference package, offline), PSNR/SSIM (dm-pix), the Sinkhorn number, the evidence check, the covariance study of §4.2."""
 
 from .evidence import evidence_divergence
 from .fid import (
@@ -9,6 +9,7 @@ from .fid import (
     inception_features,
     resolve_inception_weights,
 )
+from .lpips import LPIPS_WEIGHTS, lpips_distance, lpips_weights
 from .quality import psnr, ssim
 from .sinkhorn import entropic_ot, sinkhorn_divergence, sinkhorn_divergences
 
@@ -19,6 +20,9 @@ __all__ = [
     "frechet_distance",
     "image_metrics",
     "inception_features",
+    "LPIPS_WEIGHTS",
+    "lpips_distance",
+    "lpips_weights",
     "psnr",
     "resolve_inception_weights",
     "sinkhorn_divergence",
