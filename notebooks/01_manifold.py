@@ -19,6 +19,9 @@
 # *Rozet, Andry, Lanusse & Louppe, Learning Diffusion Priors from Observations by
 # Expectation Maximization (NeurIPS 2024), §5.1 and Fig. 3.*
 #
+# > **Which file?** `01_manifold.py` is this notebook's source (JupyterLab opens it as a notebook);
+# > `01_manifold.ipynb` beside it is its paired copy (JupyterLab writes both on every save). Open the `.py`.
+#
 # **Scale.** The defaults below are the quick interactive scale, what Run All does: a few minutes
 # on a laptop CPU (2048 observations, 3 laps of 1024 Adam steps), enough to watch the prior leave
 # the Gaussian blob, with rough numbers. `diem-run 01 --profile laptop` (about 15 minutes on

@@ -19,6 +19,9 @@
 # *Rozet, Andry, Lanusse & Louppe, Learning Diffusion Priors from Observations by
 # Expectation Maximization (NeurIPS 2024), §4.2, Figs. 1 and 2.*
 #
+# > **Which file?** `02_tweedie_covariance.py` is this notebook's source (JupyterLab opens it as a notebook);
+# > `02_tweedie_covariance.ipynb` beside it is its paired copy (JupyterLab writes both on every save). Open the `.py`.
+#
 # **Scale.** The defaults below are the quick interactive scale, what Run All does: a few minutes
 # on a laptop CPU (3 experiments, 512-sample Sinkhorn numbers): rough medians, Tweedie's
 # covariance ahead at most of the noise levels it resolves. `diem-run 02 --profile laptop`

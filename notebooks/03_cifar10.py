@@ -19,6 +19,9 @@
 # *Rozet, Andry, Lanusse & Louppe, Learning Diffusion Priors from Observations by
 # Expectation Maximization (NeurIPS 2024), §5.2, Table 1, Figs. 4-5.*
 #
+# > **Which file?** `03_cifar10.py` is this notebook's source (JupyterLab opens it as a notebook);
+# > `03_cifar10.ipynb` beside it is its paired copy (JupyterLab writes both on every save). Open the `.py`.
+#
 # **Scale.** The defaults below are a quick interactive run (a few minutes on a laptop CPU):
 # a few hundred images, a tiny U-Net, three laps. Its numbers show the mechanics, not the
 # paper's result. `diem-run 03 --profile laptop` is the CPU run where FID and KID fall lap
@@ -39,7 +42,7 @@
 
 # %% tags=["parameters"]
 seed = 0  # the run's seed: every key is fold_in(seed, ...) (>= 0)
-cifar10 = "data/cifar-10-python.tar.gz"  # CIFAR-10, relative to the repository root: cifar-10-python.tar.gz, cifar-10-batches-{py,bin}/, an image folder <root>/<split>/<class>/*.png|jpg, or a .tar.gz of one
+cifar10 = "data/cifar-10-python.tar.gz"  # CIFAR-10, relative to the repository root (the official archive is fetched there when missing): cifar-10-python.tar.gz, cifar-10-batches-{py,bin}/, an image folder <root>/<split>/<class>/*.png|jpg, or a .tar.gz of one
 observations = 256  # training images, each observed once through its own mask (> 0)
 rho = 0.75  # probability that a pixel is deleted (>= 0, < 1)
 var_y = 1e-6  # observation noise variance Sigma_y (> 0)
@@ -88,7 +91,7 @@ import numpy as np
 
 from diemlib import em
 from diemlib.data.augment import FlipTranslate
-from diemlib.data.cifar10 import from_latent, load_cifar10, to_latent
+from diemlib.data.cifar10 import cifar10_source, from_latent, load_cifar10, to_latent
 from diemlib.diffusion import DDIM, DDPM, Denoiser, VESchedule
 from diemlib.eval.fid import image_metrics
 from diemlib.inverse import PixelMask, pixel_mask, simulate_observations
@@ -99,8 +102,9 @@ from diemlib.workbook.claims import Claims
 from diemlib.workbook.plots import image_grid, mark_diverged, show_saved
 from diemlib.workbook.runner import repo_path
 
-# Checked before any compute: the data set is read first, so a wrong path fails at once.
-train, _ = load_cifar10(repo_path(cifar10), "train", limit=max(observations, fid_reference, gaussian_observations))
+# Checked before any compute: the data set is read first (the official archive is fetched if it is
+# missing and a network is there), so a wrong path fails at once.
+train, _ = load_cifar10(cifar10_source(repo_path(cifar10)), "train", limit=max(observations, fid_reference, gaussian_observations))
 if gaussian_observations > observations:
     raise ValueError(f"gaussian_observations ({gaussian_observations}) exceeds observations ({observations})")
 out = Path(out_dir)

@@ -19,6 +19,9 @@
 # *Rozet, Andry, Lanusse & Louppe, Learning Diffusion Priors from Observations by
 # Expectation Maximization (NeurIPS 2024), §5.3, Fig. 6.*
 #
+# > **Which file?** `04_mri.py` is this notebook's source (JupyterLab opens it as a notebook);
+# > `04_mri.ipynb` beside it is its paired copy (JupyterLab writes both on every save). Open the `.py`.
+#
 # **Scale.** The defaults below are a quick interactive run (minutes on a laptop CPU):
 # 32 × 32 slices of a brain MRI volume, a tiny U-Net, three laps; they show the mechanics, not
 # the paper's result. `diem-run 04 --profile laptop` is the CPU run (32 × 32 slices, a

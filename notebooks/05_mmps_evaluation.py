@@ -19,6 +19,9 @@
 # *Rozet, Andry, Lanusse & Louppe, Learning Diffusion Priors from Observations by
 # Expectation Maximization (NeurIPS 2024), App. E, Table 4 and its cost table.*
 #
+# > **Which file?** `05_mmps_evaluation.py` is this notebook's source (JupyterLab opens it as a notebook);
+# > `05_mmps_evaluation.ipynb` beside it is its paired copy (JupyterLab writes both on every save). Open the `.py`.
+#
 # **Scale.** The defaults below are a quick interactive run (minutes on a laptop CPU): a tiny
 # U-Net trained briefly on clean CIFAR-10, 8 test images per task, 10 sampler steps. Its numbers
 # show the mechanics only. `diem-run 05 --profile laptop` trains a small U-Net for 800 Adam
@@ -38,7 +41,7 @@
 
 # %% tags=["parameters"]
 seed = 0  # the run's seed: every key is fold_in(seed, ...) (>= 0)
-cifar10 = "data/cifar-10-python.tar.gz"  # CIFAR-10, relative to the repository root (the layouts notebook 03 reads)
+cifar10 = "data/cifar-10-python.tar.gz"  # CIFAR-10, relative to the repository root (the layouts notebook 03 reads; the official archive is fetched there when missing)
 prior_checkpoint = ""  # a (Denoiser, mean) checkpoint of the architecture below, e.g. notebook 03's run/state.eqx ("": train one on clean images, kept in out_dir)
 train_images = 1024  # clean training images of the prior (paper: 50000) (> 0)
 train_steps = 300  # Adam steps of the prior (> 0)
@@ -94,7 +97,7 @@ import numpy as np
 from IPython.display import Markdown, display
 
 from diemlib.data.augment import FlipTranslate
-from diemlib.data.cifar10 import load_cifar10, to_latent
+from diemlib.data.cifar10 import cifar10_source, load_cifar10, to_latent
 from diemlib.diffusion import Denoiser, VESchedule, denoising_loss
 from diemlib.em import checkpoint
 from diemlib.em.training import TrainState, fit, make_train_step, optimizer
@@ -114,7 +117,8 @@ from diemlib.workbook.runner import repo_path
 if test_images % batch_size:
     raise ValueError(f"batch_size ({batch_size}) must divide test_images ({test_images})")
 # Checked before any compute: the data set is read first, so a wrong path fails at once.
-test, _ = load_cifar10(repo_path(cifar10), "test", limit=test_images)
+cifar10_path = cifar10_source(repo_path(cifar10))  # the official archive is fetched if it is missing
+test, _ = load_cifar10(cifar10_path, "test", limit=test_images)
 if len(test) < test_images:
     raise ValueError(f"{cifar10} has only {len(test)} test images, fewer than test_images ({test_images})")
 out = Path(out_dir)
@@ -155,7 +159,7 @@ else:
         meta = {}
     print(f"prior reused from {prior_path}" if meta.get("config") == prior_config else "training the prior")
 if not prior_checkpoint and meta.get("config") != prior_config:
-    train, _ = load_cifar10(repo_path(cifar10), "train", limit=train_images)
+    train, _ = load_cifar10(cifar10_path, "train", limit=train_images)
     x_train = jnp.asarray(to_latent(train))
     mean = x_train.mean(axis=0)
     opt = optimizer(learning_rate)
