@@ -98,7 +98,7 @@ from diemlib.linalg import solvers
 from diemlib.nn import MLP
 from diemlib.workbook import write_metrics
 from diemlib.workbook.claims import Claims
-from diemlib.workbook.plots import corner, mark_diverged
+from diemlib.workbook.plots import corner, mark_diverged, mark_unresolved
 
 if observations < 2 * eval_samples:  # checked before any compute
     raise ValueError(f"the evidence check needs observations >= 2 * eval_samples = {2 * eval_samples}, got {observations}")
@@ -230,10 +230,8 @@ for ax, name in zip(axes[:2], ["sinkhorn", "evidence"]):
     ax.axhline(metrics["q0"][name], ls="--", c="gray", label="$q_0$")
     ax.set(xlabel="lap", title=name)
     ax.legend()
-    if max([metrics["q0"][name]] + [m[name] for m in history]) <= FLOOR:
-        unresolved[name] = f"at the estimator's floor {FLOOR:g} for q0 and every lap: not resolved with eval_samples = {eval_samples}"
-        ax.text(0.5, 0.5, f"at the estimator's floor ({FLOOR:g})\nfor $q_0$ and every lap:\nnot resolved with {eval_samples} samples",
-                transform=ax.transAxes, ha="center", va="center", bbox=dict(fc="w", ec="0.7"))
+    if reason := mark_unresolved(ax, [metrics["q0"][name]] + [m[name] for m in history], FLOOR, eval_samples):
+        unresolved[name] = reason
 axes[2].semilogy(lap_index, [m["loss"] for m in history], "o-")
 axes[2].set(xlabel="lap", title="training loss (last 10 % of the lap)")
 axes[3].plot(lap_index, [m["estep_time"] for m in history], "o-", label="E-step")

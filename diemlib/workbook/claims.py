@@ -16,13 +16,13 @@ class Claims:
     def __init__(self):
         self.results: dict[str, dict] = {}
 
-    def check(self, claim: str, holds, evidence: str) -> bool:
-        """Records and prints whether `claim` holds in this run, with the numbers behind it."""
+    def check(self, claim: str, holds, evidence: str) -> None:
+        """Records and prints whether `claim` holds in this run, with the numbers behind it
+        (`results[claim]["holds"]` keeps the verdict)."""
         holds = bool(holds)
         self.results[claim] = {"holds": holds, "evidence": evidence}
         verdict = "holds" if holds else "does NOT hold in this run"
         print(f"{'✓' if holds else '✗'} {claim}: {verdict} ({evidence})")
-        return holds
 
     def summary(self) -> str:
         """One line: how many of the claims hold."""

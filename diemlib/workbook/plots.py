@@ -99,6 +99,16 @@ def mark_diverged(axes, history: list[dict], threshold: float = 1.0) -> list[int
     return diverged
 
 
+def mark_unresolved(ax, values, floor: float, samples: int) -> str | None:
+    """Says on `ax` when every value of a per-lap curve (q0 included) sits at an estimator's
+    `floor`: a flat line there is not a result. Returns the reason, or `None` if resolved."""
+    if max(values) > floor:
+        return None
+    ax.text(0.5, 0.5, f"at the estimator's floor ({floor:g})\nfor $q_0$ and every lap:\nnot resolved with {samples} samples",
+            transform=ax.transAxes, ha="center", va="center", bbox=dict(fc="w", ec="0.7"))
+    return f"at the estimator's floor {floor:g} for q0 and every lap: not resolved with {samples} samples"
+
+
 def show_saved(paths) -> None:
     """Displays saved PNG figures at their own size, one after the other (e.g. each lap's
     sample grid, written while the run went and reread when a notebook resumes)."""
