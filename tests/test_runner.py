@@ -8,7 +8,11 @@ notebook runs at profile `ci`.
 """
 
 import json
+import os
+import shlex
 import shutil
+from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 
 import jupytext
@@ -295,6 +299,41 @@ def test_run_writes_notebook_and_params(root):
     # params.yaml is itself a params file that reproduces the run
     again = resolve("00_toy", None, params_path=out / "params.yaml", root=root)
     assert again.values == written
+    # the runner's record: the command reruns it (same values, same out dir), when, how long, where
+    record = metrics["run"]
+    assert record["command"] == "diem-run 00_toy --profile ci -p covariance sigma"
+    rerun = runner._parser().parse_args(shlex.split(record["command"])[1:])
+    replayed = resolve(rerun.notebook, rerun.profile, rerun.parameter, rerun.params, rerun.out, root)
+    assert replayed.values == written and replayed.out_dir == out.resolve()
+    assert datetime.fromisoformat(record["finished"]).tzinfo is not None
+    assert 0 < record["wall_time_s"] < 600
+    assert record["machine"]["cpus"] == os.cpu_count() and record["machine"]["processor"]
+    assert record["machine"]["jax_devices"] is None  # the toy notebook prints no devices
+
+
+@pytest.mark.parametrize("sources, run_name, out, expected", [
+    (["notebooks/02_x.py"], "default", None, "diem-run 02_x --defaults"),
+    (["notebooks/02_x.py", "params/02_x/laptop.yaml", "-p seeds 4", "-p laps [0, 1]"], "laptop",
+     Path("/tmp/o"), "diem-run 02_x --profile laptop -p seeds 4 -p laps '[0, 1]' --out /tmp/o"),
+    (["notebooks/02_x.py", "runs/mine.yaml"], "mine", None, "diem-run 02_x --params runs/mine.yaml"),
+    (["notebooks/02_x.py", "params/02_x/paper.yaml"], "big", None,
+     "diem-run 02_x --params params/02_x/paper.yaml --profile big"),
+])
+def test_command_line(sources, run_name, out, expected):
+    assert runner.command_line("02_x", sources, run_name, out) == expected
+
+
+def test_run_record_reads_the_devices_the_notebook_printed(root):
+    plan = resolve("00_toy", "ci", [("steps", "4")], root=root)
+    executed = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(outputs=[
+        nbformat.v4.new_output("stream", name="stdout",
+                               text="[CudaDevice(id=0), CudaDevice(id=1)] 3 seeds\n")])])
+    record = runner._run_record(plan, executed, 12.34)
+    assert record["machine"]["jax_devices"] == "CudaDevice(id=0), CudaDevice(id=1)"
+    assert record["wall_time_s"] == 12.3
+    assert record["command"] == "diem-run 00_toy --profile ci -p steps 4"  # the default out dir
+    elsewhere = runner._run_record(replace(plan, out_dir=root / "x"), executed, 1.0)
+    assert elsewhere["command"].endswith(f"--out {root / 'x'}")
 
 
 def test_failing_notebook_exits_1_and_keeps_its_record(root, capsys):

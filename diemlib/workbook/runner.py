@@ -31,6 +31,8 @@ injects `out_dir`, the absolute path of the out dir, as a string. Declare it in 
 cell so the notebook also runs in Jupyter, where the kernel starts in `notebooks/`:
 `out_dir = "../outputs/NN_name/interactive"  # where figures and metrics.json go (set by diem-run)`.
 `out_dir` is reserved: set it with `--out`, not with `-p` or a params file.
+When the notebook has written `metrics.json`, the runner adds `run` to it: the command that
+reruns it, when it finished, its wall time and the machine (`_run_record`).
 The kernel's sockets are CurveZMQ-encrypted (else IPC), and a finished kernel is shut down
 without a SIGINT, so that a successful run logs no kernel warnings (`_kernel_manager_class`).
 
@@ -89,10 +91,14 @@ import argparse
 import functools
 import logging
 import os
+import platform
 import re
+import shlex
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +111,7 @@ __all__ = [
     "Parameter",
     "Plan",
     "RunnerError",
+    "command_line",
     "find_notebook",
     "list_notebooks",
     "list_profiles",
@@ -374,15 +381,60 @@ def _execute(plan: Plan, progress: bool, log_output: bool) -> Path:
     # The kernel inherits this: diemlib's progress bars print plain lines at a modest rate
     # (to this log and the executed notebook) instead of widgets nobody sees.
     os.environ.setdefault("DIEMLIB_PROGRESS", "log")
-    papermill.execute_notebook(
+    started = time.perf_counter()
+    executed = papermill.execute_notebook(
         plan.nb, str(output), parameters=parameters, kernel_name=KERNEL, language="python",
         cwd=str(plan.root), progress_bar=progress, log_output=log_output,
         kernel_manager_class=_kernel_manager_class(),
     )
-    note = PROFILE_NOTES.get(plan.run_name)
-    if note and (plan.out_dir / "metrics.json").is_file():
-        write_metrics(plan.out_dir, profile=plan.run_name, profile_note=note)
+    if (plan.out_dir / "metrics.json").is_file():
+        note = PROFILE_NOTES.get(plan.run_name)
+        labels = {"profile": plan.run_name, "profile_note": note} if note else {}
+        write_metrics(plan.out_dir, **labels,
+                      run=_run_record(plan, executed, time.perf_counter() - started))
     return output
+
+
+def command_line(stem: str, sources: list[str], run_name: str, out_dir: Path | None = None) -> str:
+    """The `diem-run` command of a run from its parameter sources (`Plan.sources`, or the
+    `# from:` line of its `params.yaml`): `--profile` if its params file is the profile's,
+    `--params FILE` for another, `--defaults` for none; its `-p` overrides; `--out` if given."""
+    files = [s for s in sources[1:] if not s.startswith("-p ")]
+    args = ["diem-run", stem]
+    if not files:
+        args.append("--defaults")
+    elif files[0] == f"params/{stem}/{run_name}.yaml":
+        args += ["--profile", run_name]
+    else:  # --profile names the out dir where it is not the params file's stem
+        args += ["--params", files[0]] + (["--profile", run_name] if Path(files[0]).stem != run_name else [])
+    args += [part for s in sources[1:] if s.startswith("-p ") for part in s.split(" ", 2)]
+    return shlex.join(args + (["--out", str(out_dir)] if out_dir is not None else []))
+
+
+# What the notebooks print with `print(jax.devices())`, e.g. `[CpuDevice(id=0)]`.
+_DEVICES = re.compile(r"\[(\w+Device\(id=\d+[^\]]*)\]")
+
+
+def _run_record(plan: Plan, executed, wall_time_s: float) -> dict[str, Any]:
+    """`run` in `metrics.json`: the command that reruns the run (`--out` only where it is not
+    `outputs/<stem>/<run>`), when it finished, its wall time (this invocation's: a resumed EM run
+    counts from its resumption), and the machine. The runner never starts JAX (on a GPU that
+    would claim the device's memory): `jax_devices` is what the notebook printed, if it did."""
+    default_out = (plan.root / "outputs" / plan.notebook.stem / plan.run_name).resolve()
+    printed = (output.get("text", "") for cell in executed.cells for output in cell.get("outputs", [])
+               if output.get("name") == "stdout")
+    devices = next((m.group(1) for text in printed if (m := _DEVICES.search(text))), None)
+    cpuinfo = Path("/proc/cpuinfo")
+    models = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M) if cpuinfo.is_file() else []
+    return {
+        "command": command_line(plan.notebook.stem, plan.sources, plan.run_name,
+                                None if plan.out_dir == default_out else plan.out_dir),
+        "finished": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "wall_time_s": round(wall_time_s, 1),
+        "machine": {"platform": platform.platform(),
+                    "processor": models[0] if models else platform.processor() or platform.machine(),
+                    "cpus": os.cpu_count(), "jax_devices": devices},
+    }
 
 
 @functools.cache
