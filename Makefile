@@ -14,6 +14,7 @@
 #                                the notebook runs and the browser check)
 #   make notebook NB=02 PROFILE=ci ARGS="-p seeds 4"
 #   make params NB=02            a notebook's parameters, defaults and help
+#   make report                  docs/results.md: each notebook's run (PROFILE) beside the paper
 #   make data                    fetch CIFAR-10 (170 MB, MD5-checked) into data/; notebooks 03
 #                                and 05 otherwise fetch it at first use (DIEMLIB_DOWNLOAD=0: never)
 #   make check-lab               headless Chromium: every notebooks/*.py opens as a notebook
@@ -50,7 +51,7 @@ LAB_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.py))
 ALL_PY := $(sort $(wildcard notebooks/*.py))
 
-.PHONY: help env run test notebook params data bench gpu-smoke sync lab check-lab clean-env
+.PHONY: help env run test notebook params report data bench gpu-smoke sync lab check-lab clean-env
 
 help:
 	@sed -n '1,/^$$/p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
@@ -88,6 +89,9 @@ notebook: $(READY)
 
 params: $(READY)
 	$(BIN)/diem-run $(or $(NB),--list) $(if $(NB),--list)
+
+report: $(READY)
+	$(BIN)/python -m diemlib.workbook.report --profile $(PROFILE)
 
 data: $(READY)
 	$(BIN)/python -m diemlib.data
