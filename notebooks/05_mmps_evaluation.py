@@ -92,7 +92,6 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
-from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 import numpy as np
 from IPython.display import Markdown, display
 
@@ -111,7 +110,7 @@ from diemlib.nn import cifar_unet, count_parameters
 from diemlib.progress import counting
 from diemlib.workbook import write_metrics
 from diemlib.workbook.claims import Claims
-from diemlib.workbook.plots import image_grid
+from diemlib.workbook.plots import image_grid, log_axis
 from diemlib.workbook.runner import repo_path
 
 if test_images % batch_size:
@@ -357,10 +356,8 @@ for j, (task, rows) in enumerate(results.items()):
                                       [p["forward_per_step"] + p["vjp_per_step"] for p in points])):
             line, = ax.plot(x, psnrs, "-", label=name, lw=2.5 if name.startswith("MMPS") else 1.2)
             ax.scatter(x, psnrs, s=[12 + 24 * i for i in range(len(points))], color=line.get_color())
-    axes[0, j].set(xscale="log", xlabel="seconds per image", ylabel="PSNR (dB)", title=task)
-    axes[0, j].xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))  # labels at 1, 2, 5 × 10^k only:
-    axes[0, j].xaxis.set_major_formatter(FormatStrFormatter("%g"))  # a span under a decade would
-    axes[0, j].xaxis.set_minor_formatter(NullFormatter())  # otherwise label every minor tick
+    axes[0, j].set(xlabel="seconds per image", ylabel="PSNR (dB)", title=task)
+    log_axis(axes[0, j])
     axes[1, j].set(xlabel="network passes per step (F + B)", ylabel="PSNR (dB)")
 axes[0, -1].legend(fontsize=8)
 fig.tight_layout()

@@ -6,7 +6,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from diemlib.workbook.claims import Claims
-from diemlib.workbook.plots import mark_diverged, mark_unresolved
+from diemlib.workbook.plots import log_axis, mark_diverged, mark_unresolved
 
 
 def test_claims_record_print_and_count(capsys):
@@ -39,4 +39,17 @@ def test_mark_unresolved_only_when_every_value_sits_at_the_floor():
         "at the estimator's floor 1e-06 for q0 and every lap: not resolved with 16 samples")
     assert "not resolved with 16 samples" in a.texts[0].get_text()
     assert mark_unresolved(b, [1e-6, 43.9, 1e-6], 1e-6, 16) is None and not b.texts
+    plt.close(fig)
+
+
+def test_log_axis_labels_a_few_round_values_whatever_the_span():
+    fig, axes = plt.subplots(1, 3)
+    for ax, (low, high) in zip(axes, [(0.033, 0.071), (0.2, 40.0), (0.02, 0.095)]):
+        ax.plot([low, high], [0, 1], "o")
+        log_axis(ax)
+    labels = [[t.get_text() for t in ax.get_xticklabels()] for ax in axes]
+    assert labels[0] == ["0.04", "0.05", "0.06"]  # under a decade: finer steps, no minor labels
+    assert labels[1][:4] == ["0.2", "0.5", "1", "2"] and "20" in labels[1]
+    assert labels[2] == ["0.02", "0.05", "0.1"]
+    assert all(not t.get_text() for ax in axes for t in ax.get_xminorticklabels())
     plt.close(fig)

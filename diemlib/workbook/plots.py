@@ -99,6 +99,21 @@ def mark_diverged(axes, history: list[dict], threshold: float = 1.0) -> list[int
     return diverged
 
 
+def log_axis(ax, axis: str = "x") -> None:
+    """A log scale labelled at round values that fit the data: 1, 2, 5 × 10^k, or finer steps when
+    the data span less than a decade (where matplotlib would label every minor tick, one label
+    over another). Call it after plotting."""
+    ax.set(**{f"{axis}scale": "log"})
+    low, high = (ax.get_xlim if axis == "x" else ax.get_ylim)()
+    decades = range(int(np.floor(np.log10(low))), int(np.ceil(np.log10(high))) + 1)
+    for mantissas in [(1, 2, 5), (1, 1.5, 2, 3, 4, 5, 6, 8), np.arange(1, 10, 0.5)]:
+        ticks = [m * 10.0**k for k in decades for m in mantissas if low <= m * 10.0**k <= high]
+        if len(ticks) >= 3:
+            break
+    getattr(ax, f"set_{axis}ticks")(ticks, [f"{t:g}" for t in ticks])
+    getattr(ax, f"{axis}axis").set_minor_formatter(plt.NullFormatter())
+
+
 def mark_unresolved(ax, values, floor: float, samples: int) -> str | None:
     """Says on `ax` when every value of a per-lap curve (q0 included) sits at an estimator's
     `floor`: a flat line there is not a result. Returns the reason, or `None` if resolved."""
