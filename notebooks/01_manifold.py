@@ -248,8 +248,8 @@ fig.savefig(out / "metrics.png", dpi=100)
 
 # %%
 claims = Claims()
-for name, what in [("sinkhorn", "closer to the ground truth"), ("evidence", "explains the observations better")]:
-    claims.check(f"the last lap's prior is {what} than q0 ({name})",
+for name, claim in [("sinkhorn", "is closer to the ground truth than q0"), ("evidence", "explains the observations better than q0")]:
+    claims.check(f"the last lap's prior {claim} ({name})",
                  name not in unresolved and history[-1][name] < metrics["q0"][name],
                  unresolved.get(name, f"q0 {metrics['q0'][name]:.4g}, lap {history[-1]['lap']} {history[-1][name]:.4g}"))
 
