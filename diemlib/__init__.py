@@ -26,6 +26,11 @@ already sets that option: XLA's concurrency-optimized CPU scheduler deadlocks (e
 no progress) on some of our programs (GMRES inside the predictor-corrector scan at batch >= 2048,
 jaxlib 0.10.2). It must be set before JAX starts its CPU backend and changes nothing on GPUs.
 Set `DIEMLIB_XLA_WORKAROUND=0` before importing to leave `XLA_FLAGS` untouched.
+
+**Compilation cache.** Importing `diemlib` also turns on JAX's persistent compilation cache
+(`diemlib.compilation.enable_cache`): compiled programs are kept in `~/.cache/diemlib/jax`, so a
+rerun loads them instead of compiling again. `DIEMLIB_COMPILATION_CACHE=DIR` moves it, `=0` turns
+it off.
 """
 
 import os
@@ -35,6 +40,10 @@ if os.environ.get("DIEMLIB_XLA_WORKAROUND", "1") != "0" and (
     "xla_cpu_enable_concurrency_optimized_scheduler" not in os.environ.get("XLA_FLAGS", "")
 ):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_SCHEDULER_FLAG}".strip()
+
+from .compilation import enable_cache  # noqa: E402
+
+enable_cache()  # JAX's persistent compilation cache, before any computation (diemlib.compilation)
 
 from .diffusion import DDIM, DDPM, PC, Denoiser, GaussianDenoiser, VESchedule, denoising_loss, sampler  # noqa: E402
 from .inverse import MaskedFFT, Matrix, MMPSDenoiser, PixelMask, covariance  # noqa: E402

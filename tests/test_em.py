@@ -363,8 +363,12 @@ def test_diem_fresh_run_layout(fresh3):
     assert [m["lap"] for m in metrics["laps"]] == [0, 1, 2]
     assert len(metrics["q0"]["iterations"]) == 2
     for lap in metrics["laps"]:
-        assert set(lap) == {"lap", "loss", "residual", "iterations", "estep_time", "mstep_time"}
+        assert set(lap) == {"lap", "loss", "residual", "iterations", "estep_time", "mstep_time", "compiles",
+                            "cache_loads", "compile_time"}
         assert all(np.isfinite(v) for v in lap.values())
+    # Lap 1 builds the E-step of the network prior (lap 0 samples with q0); lap 2 reuses every
+    # program of lap 1: it neither compiles nor loads one.
+    assert metrics["laps"][2]["compiles"] == metrics["laps"][2]["cache_loads"] == 0
     assert header(run_dir / "state.eqx") == {"lap": 2}
     assert header(run_dir / "estep.eqx")["lap"] == 2
     assert sum(line.startswith("q0 iteration") for line in fresh3["log"]) == 2

@@ -7,10 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from diemlib.compilation import Compilations, compilations
 from diemlib.diffusion.gaussian import GaussianDenoiser
 from diemlib.linalg.dplr import DPLR
 from diemlib.diffusion.samplers import DDIM, DDPM, PC, sampler
 from diemlib.diffusion.schedule import VESchedule
+from diemlib.progress import counting
 
 SCHEDULE = VESchedule(1e-3, 1e2)
 
@@ -128,7 +130,30 @@ def test_return_info_averages_denoiser_diagnostics_per_step():
     steps = 4
     x, info = DDIM(SCHEDULE, steps)(WithInfo(), (3, 2), jax.random.key(0), return_info=True)
     assert x.shape == (3, 2)
-    np.testing.assert_allclose(info["sigma"], SCHEDULE(SCHEDULE.time_grid(steps)[:-1]), rtol=1e-12)
+    np.testing.assert_allclose(info["sigma"], np.mean(SCHEDULE(SCHEDULE.time_grid(steps)[:-1])), rtol=1e-12)
+
+
+@pytest.mark.parametrize("cls", [DDPM, DDIM, PC])
+def test_one_program_for_every_step_count(cls):
+    """The number of steps is data: a jitted sampler compiles once for 3 and 7 steps, and
+    gives what a sampler built for that count gives outside `jit`; the progress bar counts
+    the steps run."""
+    run = eqx.filter_jit(lambda sampler, key: sampler(affine, (3, 2), key, mean=0.5))
+    key = jax.random.key(0)
+    jax.block_until_ready(run(cls(SCHEDULE, 3), key))
+    before = compilations()
+    with counting(7, "seven") as bar:
+        x = jax.block_until_ready(run(cls(SCHEDULE, 7), key))
+        jax.effects_barrier()
+    assert compilations() - before == Compilations()  # nothing new: not compiled, not loaded
+    assert bar.n == 7
+    np.testing.assert_allclose(x, cls(SCHEDULE, 7)(affine, (3, 2), key, mean=0.5), rtol=1e-12)
+
+
+@pytest.mark.parametrize("steps", [0, -2, 2.5, [3]])
+def test_a_step_count_below_one_or_not_whole_is_refused(steps):
+    with pytest.raises(ValueError, match="whole number of steps"):
+        DDPM(SCHEDULE, steps)
 
 
 def test_unknown_sampler_raises():

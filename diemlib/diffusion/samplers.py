@@ -2,12 +2,18 @@ r"""Samplers of the reverse variance-exploding process (paper §2; docs/conventi
 
 A sampler walks `steps` uniform steps in $t$ from 1 to 0 (geometric in $\sigma$), starting from
 $x_1 = \mu + \sigma_\text{max} z$, and returns one extra denoiser call $D(x_0, \sigma_0)$.
-The loop is one `jax.lax.scan` with one PRNG key per step; each step advances the progress bar
-opened around the call with `diemlib.progress.counting`, if any. Any denoiser plugs in: a network,
-the analytic [`GaussianDenoiser`][], or a posterior denoiser such as [`MMPS`][].
+The loop is one `jax.lax.fori_loop`; step $i$ uses the key `fold_in(key, i)` (the $i$-th key of
+`split(key, steps)`) and advances the progress bar opened around the call with
+`diemlib.progress.counting`, if any. Any denoiser plugs in: a network, the analytic
+[`GaussianDenoiser`][], or a posterior denoiser such as [`MMPS`][].
+
+The number of steps is data, an array leaf of the sampler, not a compile-time constant: a jitted
+function that takes the sampler as an argument compiles one program for every step count (a
+`fori_loop` over a traced bound is the `while` loop a `scan` compiles to, so a step costs the same).
 
 A denoiser may report diagnostics by implementing `with_info(x_t, sigma) -> (x_hat, info)`
-(a dict of per-sample arrays); samplers then return the batch mean of each entry per step.
+(a dict of per-sample arrays); samplers then return the mean of each entry over the batch and
+the steps.
 """
 
 import abc
@@ -15,7 +21,8 @@ import abc
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, PRNGKeyArray
+import numpy as np
+from jaxtyping import Array, ArrayLike, Int, PRNGKeyArray
 
 from ..progress import tick
 from .schedule import VESchedule
@@ -28,17 +35,27 @@ def denoise_with_info(denoiser, x_t: Array, sigma: ArrayLike) -> tuple[Array, di
     return denoiser(x_t, sigma), {}
 
 
+def _step_count(steps):
+    """The step count as an array leaf (traced under `jit`, never a compile-time constant)."""
+    if isinstance(steps, jax.Array):  # a JAX array, or traced inside `jit`
+        return steps
+    count = np.asarray(steps)
+    if count.ndim or not np.issubdtype(count.dtype, np.integer) or count < 1:
+        raise ValueError(f"a sampler needs a whole number of steps >= 1, got {steps!r}")
+    return count.astype(np.int32)
+
+
 class Sampler(eqx.Module):
-    """Base class: the scan over the time grid; subclasses define one `step` from $t$ to $s$.
+    """Base class: the loop over the time grid; subclasses define one `step` from $t$ to $s$.
 
     **Arguments:**
 
     - `schedule`: the noise schedule $\\sigma_t$.
-    - `steps`: number of steps $T$.
+    - `steps`: number of steps $T$ (an int, kept as an array: data, not a compile-time constant).
     """
 
     schedule: VESchedule
-    steps: int = eqx.field(static=True)
+    steps: Int[ArrayLike, ""] = eqx.field(converter=_step_count)
 
     @abc.abstractmethod
     def step(self, denoiser, x_t: Array, t: Array, s: Array, key: PRNGKeyArray) -> tuple[Array, dict]:
@@ -62,25 +79,33 @@ class Sampler(eqx.Module):
         - `shape`: shape of the batch of samples.
         - `key`: PRNG key.
         - `mean`: $\\mu$ of the initial state $x_1 = \\mu + \\sigma_\\text{max} z$.
-        - `return_info`: also return the denoiser's diagnostics, batch-averaged, one row per step.
+        - `return_info`: also return the denoiser's diagnostics, averaged over the batch and the steps.
 
-        **Returns:** the samples, and with `return_info` a dict of arrays of shape `(steps,)`.
+        **Returns:** the samples, and with `return_info` a dict of scalars.
         """
         dtype = jnp.result_type(float) if dtype is None else dtype
         key_init, key_steps = jax.random.split(key)
         x = mean + self.schedule.sigma_max * jax.random.normal(key_init, shape, dtype)
-        times = self.schedule.time_grid(self.steps).astype(dtype)
 
-        def body(x_t, inputs):
-            t, s, k = inputs
-            x_s, info = self.step(denoiser, x_t, t, s, k)
-            tick()  # advances the progress bar counting this loop, if any
+        def time(i):  # entry i of `VESchedule.time_grid(steps)`
+            return (1 - i / jnp.asarray(self.steps, float)).astype(dtype)
+
+        def step(i, x_t):  # x_s and the batch means of the diagnostics
+            x_s, info = self.step(denoiser, x_t, time(i), time(i + 1), jax.random.fold_in(key_steps, i))
             return x_s, jax.tree.map(jnp.mean, info)
 
-        steps = (times[:-1], times[1:], jax.random.split(key_steps, self.steps))
-        x, info = jax.lax.scan(body, x, steps)
-        x = denoiser(x, self.schedule(times[-1]))
-        return (x, info) if return_info else x
+        def body(i, carry):
+            x_t, total = carry
+            x_s, info = step(i, x_t)
+            tick()  # advances the progress bar counting this loop, if any
+            return x_s, jax.tree.map(jnp.add, total, info) if return_info else total
+
+        total = {}
+        if return_info:  # the diagnostics' structure, from a trace of one step
+            total = jax.tree.map(lambda a: jnp.zeros((), a.dtype), jax.eval_shape(step, 0, x)[1])
+        x, total = jax.lax.fori_loop(0, self.steps, body, (x, total))
+        x = denoiser(x, self.schedule(time(self.steps)))
+        return (x, jax.tree.map(lambda a: a / self.steps, total)) if return_info else x
 
 
 def ddim_update(x_t: Array, x_hat: Array, sigma_t: Array, sigma_s: Array) -> Array:

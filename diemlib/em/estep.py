@@ -54,8 +54,8 @@ class EStep(eqx.Module):
 
 
 @eqx.filter_jit
-def _sample_batch(key, denoiser, A, y, var_y, estep, prior_cov, mean, event_shape):
-    posterior = MMPSDenoiser(denoiser, A, y, var_y, covariance(estep.cov, prior_cov), estep.solver, estep.scope)
+def _sample_batch(key, denoiser, A, y, var_y, estep, cov, mean, event_shape):
+    posterior = MMPSDenoiser(denoiser, A, y, var_y, cov, estep.solver, estep.scope)
     shape = (y.shape[0], *event_shape)
     return estep.sampler(posterior, shape, key, mean=mean, dtype=y.dtype, return_info=True)
 
@@ -91,15 +91,17 @@ def posterior_samples(
     batches = math.ceil(total / size)
     index = jnp.resize(index, batches * size)  # pad the last batch (cyclically: any N)
     samples, infos = [], []
-    # Several processes: what every batch shares, on every device of every process, once.
-    denoiser, var_y, prior_cov, mean = replicate((denoiser, var_y, prior_cov, mean))
+    # The covariance, not `prior_cov`, enters the program: only `prior` holds it, so calls with
+    # and without it share one compilation. Several processes: what every batch shares, on
+    # every device of every process, once.
+    denoiser, var_y, cov, mean = replicate((denoiser, var_y, covariance(estep.cov, prior_cov), mean))
     with counting(batches * estep.sampler.steps, desc) as bar:
         for b in range(batches):
             bar.set_postfix_str(f"batch {b + 1}/{batches}", refresh=False)
             rows = index[b * size : (b + 1) * size]
             A_b, y_b = shard_batch((take(A, rows), y[rows]))
             x, info = _sample_batch(
-                replicate(jax.random.fold_in(key, b)), denoiser, A_b, y_b, var_y, estep, prior_cov, mean, event_shape
+                replicate(jax.random.fold_in(key, b)), denoiser, A_b, y_b, var_y, estep, cov, mean, event_shape
             )
             samples.append(x)
             infos.append(info)
