@@ -336,6 +336,18 @@ def test_run_record_reads_the_devices_the_notebook_printed(root):
     assert elsewhere["command"].endswith(f"--out {root / 'x'}")
 
 
+def test_run_records_the_programs_the_kernel_compiled(root):
+    """A last cell, tagged `injected-compilation`, prints what the kernel compiled and adds it to
+    metrics.json (`diemlib.compilation`)."""
+    out = root / "out"
+    assert main(["00_toy", "--root", str(root), "--profile", "ci", "--out", str(out), "--no-progress"]) == 0
+    last = nbformat.read(out / "00_toy.ipynb", as_version=4).cells[-1]
+    assert last.metadata["tags"] == ["injected-compilation"]
+    assert "programs compiled" in "".join(o.get("text", "") for o in last.outputs)
+    compilation = json.loads((out / "metrics.json").read_text())["compilation"]
+    assert set(compilation) == {"compiled", "loaded", "seconds", "cache"}
+
+
 def test_failing_notebook_exits_1_and_keeps_its_record(root, capsys):
     write_notebook(root, "01_fail", "x = 1  # x")
     path = root / "notebooks" / "01_fail.py"

@@ -334,14 +334,15 @@ def run(plan: Plan, progress: bool = True, log_output: bool = True) -> Path:
     repository root) with the resolved values and `out_dir` injected, saving the executed
     notebook `<stem>.ipynb` after every cell (and on failure, with the error in it). In one
     of several processes, a first cell starts `jax.distributed`, and every process but 0 runs
-    in a temporary out dir (see the module's "Several processes").
+    in a temporary out dir (see the module's "Several processes"). A last cell records what
+    the kernel compiled ([`record_compilations`][]).
     """
     from ..em import distributed
 
+    plan = replace(plan, nb=_with_cell(plan.nb, _compilation_cell(), len(plan.nb.cells)))
     if distributed.requested() is None:
         return _execute(plan, progress, log_output)
-    cell = _distributed_cell()
-    plan = replace(plan, nb=_with_first_cell(plan.nb, cell))
+    plan = replace(plan, nb=_with_cell(plan.nb, _distributed_cell(), 0))
     if distributed.process_id_from_env() == 0:
         return _execute(plan, progress, log_output)
     with tempfile.TemporaryDirectory(prefix=f"diem-run-process{distributed.process_id_from_env()}-") as scratch:
@@ -356,12 +357,37 @@ def _distributed_cell():
     return nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-distributed"]})
 
 
-def _with_first_cell(nb, cell):
+def _compilation_cell():
+    import nbformat
+
+    source = "# injected by diem-run: the programs this kernel compiled (diemlib.compilation)\n" \
+             "from diemlib.workbook.runner import record_compilations as _record_compilations\n" \
+             "_record_compilations(out_dir)"
+    return nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-compilation"]})
+
+
+def _with_cell(nb, cell, index: int):
     import copy
 
     nb = copy.deepcopy(nb)
-    nb.cells.insert(0, cell)
+    nb.cells.insert(index, cell)
     return nb
+
+
+def record_compilations(out_dir) -> None:
+    """In a notebook's kernel, after its cells: prints how many programs XLA compiled and how
+    many were loaded from the persistent compilation cache instead (`diemlib.compilation`), and
+    adds them to the notebook's `metrics.json` as `compilation` (if it wrote one)."""
+    import jax
+
+    from ..compilation import compilations
+
+    built = compilations()
+    cache = jax.config.jax_compilation_cache_dir if jax.config.jax_enable_compilation_cache else None
+    print(f"diem-run: {built} (compilation cache: {cache or 'off'})")
+    if (Path(out_dir) / "metrics.json").is_file():
+        write_metrics(out_dir, compilation={"compiled": built.compiled, "loaded": built.loaded,
+                                            "seconds": built.seconds, "cache": cache})
 
 
 def _execute(plan: Plan, progress: bool, log_output: bool) -> Path:
