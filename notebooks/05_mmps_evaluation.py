@@ -266,16 +266,23 @@ counted = CountedDenoiser(prior, counter)
 hyper = dict(zeta=dps_zeta, lam=diffpir_lambda)
 channels_last = lambda x: jnp.moveaxis(x, 1, -1)
 results, samples = {}, {}
+
+
+def restorer(method, k):
+    """One program per method, shared by every number of steps T (an argument: data) and by tasks with operators alike."""
+    def restore(A, y, var_y, denoiser, key, T):
+        return posterior_samples(method, denoiser, A, y, var_y, schedule, T, key, event_shape=(3, 32, 32),
+                                 batch_size=batch_size, mean=mean, iterations=k, **hyper)
+    return restore
+
+
+restorers = {(method, k): restorer(method, k) for method, k in runs}
 for T in steps:
     for method, k in runs:
-        def restore(A, y, var_y, denoiser, key):  # one program per method and steps, shared by tasks with operators alike
-            return posterior_samples(method, denoiser, A, y, var_y, schedule, T, key, event_shape=(3, 32, 32),
-                                     batch_size=batch_size, mean=mean, iterations=k, **hyper)
-
         for task, (A, y, var_y) in problems.items():
             counter.reset()
             with counting(T * test_images // batch_size, desc=f"{task}: {label(method, k)}, {T} steps"):
-                x, stats = measure(restore, A, y, jnp.asarray(var_y), counted, keys["sample"])
+                x, stats = measure(restorers[method, k], A, y, jnp.asarray(var_y), counted, keys["sample"], jnp.asarray(T))
             quality = {
                 "psnr": np.asarray(psnr(channels_last(x), channels_last(x_true), data_range=4.0)),
                 "ssim": np.asarray(ssim(channels_last(x), channels_last(x_true), data_range=4.0)),

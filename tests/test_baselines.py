@@ -8,11 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from diemlib.compilation import compilations
 from diemlib.diffusion.gaussian import GaussianDenoiser
 from diemlib.diffusion.samplers import DDPM
 from diemlib.diffusion.schedule import VESchedule
-from diemlib.eval.cost import CountedDenoiser, Counter
-from diemlib.inverse.baselines import DPS, DiffPIRDenoiser, mmps, pigdm, posterior_sampler, tmpd
+from diemlib.eval.cost import CountedDenoiser, Counter, measure
+from diemlib.inverse.baselines import DPS, DiffPIRDenoiser, mmps, pigdm, posterior_sampler, posterior_samples, tmpd
 from diemlib.inverse.operators import Matrix
 from diemlib.linalg.dplr import DPLR
 from diemlib.linalg.solvers import GMRES
@@ -117,3 +118,26 @@ def test_counted_cost_per_step(method, iterations, forward, vjp):
     calls = steps + 1
     assert counter.forward == B * calls
     assert counter.vjp == B * (vjp * steps if method == "dps" else vjp * calls)
+
+
+@pytest.mark.parametrize("method", ["dps", "mmps"])
+def test_one_program_per_method_for_every_step_count(method):
+    """Notebook 05's loop: `posterior_samples` measured with the number of steps as an argument
+    compiles once for 2 and 5 steps (batches of 2: the batches share it too), and the counted
+    passes follow the steps actually run."""
+    denoiser, *_ = _prior("full")
+    A, y, *_ = _problem()
+    counter = Counter()
+
+    def restore(A, y, denoiser, key, steps):
+        return posterior_samples(method, denoiser, A, y, VAR_Y, VESchedule(1e-3, 1e1), steps, key,
+                                 event_shape=(D,), batch_size=2)
+
+    for steps in (2, 5):
+        counter.reset()
+        before = compilations()
+        _, stats = measure(restore, A, y, CountedDenoiser(denoiser, counter), jax.random.key(0), jnp.asarray(steps))
+        built = compilations() - before
+        assert (built.compiled + built.loaded == 0) == (steps == 5), built
+        assert counter.forward == B * (steps + 1)
+    assert stats["compile_s"] < 0.1  # 5 steps: the program of 2 steps, reused
