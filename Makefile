@@ -101,6 +101,7 @@ bench: $(READY)
 	$(BIN)/python benchmarks/bench_mstep.py
 	$(BIN)/python benchmarks/bench_estep.py
 	$(BIN)/python benchmarks/bench_eval.py
+	$(BIN)/python benchmarks/bench_compile.py
 
 gpu-smoke: $(READY)
 	$(BIN)/python benchmarks/gpu_smoke.py $(ARGS)
