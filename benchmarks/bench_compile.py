@@ -82,6 +82,7 @@ def main(argv=None):
         cache = work / notebook / "cache"
         for fresh in (cache, work / notebook / "data"):
             shutil.rmtree(fresh, ignore_errors=True)
+        cache.mkdir(parents=True)
         data = CI_DATA.get(notebook, lambda folder: [])(work / notebook / "data")
         runs = []
         for name in ("first", "second"):
