@@ -39,7 +39,8 @@ from diemlib.em.estep import _sample_batch
 from diemlib.em.training import TrainState, _fit_chunk, make_train_step
 from diemlib.eval.cost import measure
 from diemlib.inverse import (
-    Clip, MaskedFFT, PixelMask, kspace_mask, pixel_mask, posterior_samples, random_projection, simulate_observations,
+    Clip, MaskedFFT, PixelMask, covariance, kspace_mask, pixel_mask, posterior_samples, random_projection,
+    simulate_observations,
 )
 from diemlib.linalg import solvers
 from diemlib.nn import MLP, cifar_unet, count_parameters, fastmri_unet
@@ -66,7 +67,7 @@ class Lap:
 
 def mmps_batch(estep, var_y, event):
     """The program `em.posterior_samples` runs for each batch of observations."""
-    return lambda key, model, A, y: _sample_batch(key, model, A, y, var_y, estep, None, 0.0, event)[0]
+    return lambda key, model, A, y: _sample_batch(key, model, A, y, var_y, estep, covariance(estep.cov), 0.0, event)[0]
 
 
 def unet(make, p, key, **extra):
