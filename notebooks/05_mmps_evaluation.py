@@ -246,7 +246,7 @@ plt.show()
 # $\Sigma_x$. The cost column is the definition; the tables below count it while the compiled
 # program runs, through a denoiser that tallies every forward pass ($F$) and every VJP ($B$).
 #
-# **Cost.** For each method and number of steps we compile once (tasks whose operators have the
+# **Cost.** For each method we compile once, whatever the number of steps (tasks whose operators have the
 # same shapes, such as the two inpaintings, share the program), read XLA's memory analysis of
 # the compiled program (its peak: arguments, outputs and temporaries; on a GPU also the device's
 # peak since the start), then time one run over all test images of each task.
