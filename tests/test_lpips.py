@@ -25,12 +25,7 @@ from diemlib.eval import lpips as ours  # noqa: E402
 EXAMPLES = Path("/work/shared/data/lpips-examples")  # outside the repository: optional
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
