@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from diemlib.nn import layers as layers_module
 from diemlib.nn.layers import LayerNorm, Modulation, conv, count_parameters
 from diemlib.nn.mlp import MLP
 from diemlib.nn.unet import AttBlock, ResBlock, UNet, cifar_unet, fastmri_unet, pixel_shuffle, pixel_unshuffle
@@ -125,20 +126,66 @@ def test_channels_last_conv_equals_equinox_conv(stride):
     np.testing.assert_allclose(layer(x.transpose(1, 2, 0)), reference(x).transpose(1, 2, 0), rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("stride, height", [(1, 9), (2, 9), (2, 8)])
-def test_channels_last_conv_gradients_equal_equinox_conv(stride, height):
-    """On the CPU our backward pass is the im2col form's: its gradients (input and weight) equal
-    those of equinox's convolution, for odd and even sizes at stride 2."""
-    layer = conv(4, 6, stride=stride, key=KEY)
-    reference = eqx.tree_at(
-        lambda l: (l.weight, l.bias), eqx.nn.Conv2d(4, 6, 3, stride, padding=1, key=KEY), (layer.weight, layer.bias)
-    )
-    x = jax.random.normal(key(1), (4, height, 7))
-    ours = eqx.filter_grad(lambda mx: jnp.sum(jnp.sin(mx[0](mx[1].transpose(1, 2, 0)))))((layer, x))
-    theirs = eqx.filter_grad(lambda mx: jnp.sum(jnp.sin(mx[0](mx[1]).transpose(1, 2, 0))))((reference, x))
+def _equinox_twin(layer):
+    """equinox's Conv2d (XLA's own convolution and gradients, channels first) with `layer`'s weights."""
+    k = layer.kernel_size[0]
+    reference = eqx.nn.Conv2d(layer.in_channels, layer.out_channels, k, layer.stride, padding=k // 2, key=KEY)
+    return eqx.tree_at(lambda l: (l.weight, l.bias), reference, (layer.weight, layer.bias))
+
+
+@pytest.mark.parametrize("taps_bytes", [layers_module.TAPS_BYTES, 1])
+@pytest.mark.parametrize("stride, height, kernel", [(1, 9, 3), (2, 9, 3), (2, 8, 3), (1, 6, 1)])
+def test_channels_last_conv_gradients_equal_equinox_conv(stride, height, kernel, taps_bytes, monkeypatch):
+    """On the CPU our VJP is a convolution for the input and im2col taps for the kernel, over the
+    batch: its gradients (input, kernel, bias) equal those of equinox's convolution, for odd and
+    even sizes at stride 2, a 1×1 kernel, and the kernel gradient summed in one chunk or in a
+    `lax.scan` over chunks of one image (`taps_bytes = 1`)."""
+    monkeypatch.setattr(layers_module, "TAPS_BYTES", taps_bytes)
+    layer = conv(4, 6, kernel_size=kernel, stride=stride, key=KEY)
+    reference = _equinox_twin(layer)
+    x = jax.random.normal(key(1), (3, 4, height, 7))
+    ours = eqx.filter_grad(lambda mx: jnp.sum(jnp.sin(jax.vmap(mx[0])(mx[1].transpose(0, 2, 3, 1)))))((layer, x))
+    theirs = eqx.filter_grad(lambda mx: jnp.sum(jnp.sin(jax.vmap(mx[0])(mx[1]).transpose(0, 2, 3, 1))))((reference, x))
     np.testing.assert_allclose(ours[1], theirs[1], rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(ours[0].weight, theirs[0].weight, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(ours[0].bias, theirs[0].bias, rtol=1e-10, atol=1e-12)
+
+
+def test_conv_gradients_with_batched_kernels():
+    """`vmap` over kernels too (an ensemble of layers), one image per kernel or one image for all:
+    the gradients are per kernel, as equinox's."""
+    layers_ = eqx.filter_vmap(lambda k: conv(4, 6, key=k))(jax.random.split(KEY, 3))
+    references = eqx.filter_vmap(_equinox_twin)(layers_)
+    x = jax.random.normal(key(1), (3, 4, 8, 7))
+    for in_axes in (0, None):
+        data = x if in_axes == 0 else x[0]
+        ours = eqx.filter_grad(lambda ls: jnp.sum(jnp.sin(eqx.filter_vmap(lambda l, z: l(z.transpose(1, 2, 0)), in_axes=(eqx.if_array(0), in_axes))(ls, data))))(layers_)
+        theirs = eqx.filter_grad(lambda ls: jnp.sum(jnp.sin(eqx.filter_vmap(lambda l, z: l(z).transpose(1, 2, 0), in_axes=(eqx.if_array(0), in_axes))(ls, data))))(references)
+        np.testing.assert_allclose(ours.weight, theirs.weight, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(jnp.float64, 1e-10), (jnp.float32, 2e-4)])
+def test_unet_gradients_equal_xla_convolutions(dtype, tolerance, monkeypatch):
+    """A denoising loss's gradients through a whole U-Net (stride-2 entries, merges of skips, the
+    1×1 output, dropout) with our CPU convolution equal those with XLA's own convolution and its
+    autodiff (the other backends' path), within the round-off of `dtype`."""
+    net = UNet(3, 3, widths=(8, 16), blocks=(1, 1), attention=(1,), emb_features=EMB, unshuffle=2, key=KEY)
+    net = jax.tree.map(lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, net)
+    xs = jax.random.normal(key(1), (4, 3, 16, 16), dtype)
+    embs = jax.random.normal(key(2), (4, EMB), dtype)
+    keys = jax.random.split(key(3), 4)
+
+    @eqx.filter_grad
+    def grads(net):
+        out = jax.vmap(lambda x, e, k: net(x, e, key=k))(xs, embs, keys)
+        return jnp.mean((out - xs) ** 2)
+
+    ours = grads(net)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # Conv2d takes XLA's own path
+    theirs = grads(net)
+    for a, b in zip(jax.tree.leaves(eqx.filter(ours, eqx.is_inexact_array)), jax.tree.leaves(eqx.filter(theirs, eqx.is_inexact_array))):
+        assert a.dtype == dtype
+        np.testing.assert_allclose(a, b, rtol=tolerance, atol=tolerance * float(jnp.max(jnp.abs(b))))
 
 
 def test_modulation_last_weight_scaled(unet):

@@ -5,15 +5,15 @@ which differ from equinox's defaults: Linear and Conv weights
 $\sim \mathcal{U}(\pm 1/\sqrt{\text{fan\_in}})$ with bias $0$; LayerNorm over the channel axis
 only, without affine parameters; a per-block modulation MLP that reads the raw noise embedding.
 
-Images are **channels last** inside the networks, `(H, W, C)`: XLA's CPU backend runs a
-channels-first (NCHW) convolution about 16 times slower inside a loop (`lax.scan`, as in our
-samplers and training loops) than outside it, while channels-last convolutions run at full speed
-in both (measured by `benchmarks/bench_mstep.py`; jax-ml/jax#12868). Weights keep equinox's
-`(out, in, kh, kw)` layout.
+Images are **channels last** inside the networks, `(H, W, C)` with `(kh, kw, in, out)` kernels,
+the layout of XLA's fast CPU convolution: a channels-first (NCHW) convolution runs many times
+slower inside a loop (`lax.scan`, as in our samplers and training loops; jax-ml/jax#12868).
+Weights keep equinox's `(out, in, kh, kw)` layout. On the CPU the convolution's VJP is ours
+([`Conv2d`][]; docs/conventions.md, 'Networks').
 """
 
+import functools
 import math
-from functools import partial
 
 import equinox as eqx
 import jax
@@ -36,60 +36,130 @@ def _hwio(weight: Array) -> Array:
 
 
 def _conv(x, weight, stride, padding):
+    """XLA's own convolution of a batch of channels-last images `(B, H, W, C)`."""
     return jax.lax.conv_general_dilated(
-        x[None], _hwio(weight), stride, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
-    )[0]
+        x, _hwio(weight), stride, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
 
 
-def _conv_as_matmul(x, weight, stride, padding):
-    """The same convolution as one matmul over the `kh kw` shifted copies of `x` (im2col)."""
-    out, _, kh, kw = weight.shape
+def _input_gradient(cotangent, weight, stride, padding, shape):
+    r"""The gradient with respect to the input, as a stride-1 convolution in the same layout.
+
+    $\partial x[p] = \sum_t \bar y[(p + \text{lo} - t) / s] \, W_t^\top$: the cotangent dilated by
+    the stride (zeros between its pixels), padded by $k - 1 - \text{lo}$ before and what restores
+    `shape` after, convolved with the spatially flipped kernel whose in and out are swapped.
+    """
+    pads = [(0, 0, 0)]
+    for size, k, s, rows, (lo, _) in zip(shape[1:3], weight.shape[2:], stride, cotangent.shape[1:3], padding):
+        pads.append((k - 1 - lo, size - 1 - s * (rows - 1) + lo, s - 1))
+    dilated = jax.lax.pad(cotangent, jnp.zeros((), cotangent.dtype), pads + [(0, 0, 0)])
+    flipped = jnp.flip(_hwio(weight), (0, 1)).swapaxes(2, 3)
+    return jax.lax.conv_general_dilated(
+        dilated, flipped, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+# Bytes of im2col taps built at once by `_weight_gradient`: the L2 cache of one core of the CPUs we
+# measured on (docs/conventions.md, 'Networks').
+TAPS_BYTES = 2**22
+
+
+def _weight_gradient(x, cotangent, weight, stride, padding):
+    r"""The gradient with respect to the kernel, one matmul over the im2col taps of `x`.
+
+    $\partial W_{t} = \sum_{b, p} x_b[s p + t - \text{lo}] \, \bar y_b[p]^\top$, summed over the
+    batch and the output pixels: the taps of `x` channel-major, `(kh kw C, B H' W')`, times the
+    cotangent channel-major, `(O, B H' W')`, both with the summed axis contiguous. The batch goes
+    through in chunks whose taps fit in `TAPS_BYTES` (a `lax.scan` when there is more than one).
+    """
+    out, channels, kh, kw = weight.shape
+    rows, cols = cotangent.shape[1:3]
     (top, bottom), (left, right) = padding
-    padded = jnp.pad(x, ((top, bottom), (left, right), (0, 0)))
-    rows = (padded.shape[0] - kh) // stride[0] + 1
-    cols = (padded.shape[1] - kw) // stride[1] + 1
-    patches = jnp.concatenate(
-        [
-            padded[i : i + stride[0] * (rows - 1) + 1 : stride[0], j : j + stride[1] * (cols - 1) + 1 : stride[1]]
+
+    def chunk(x, cotangent):
+        padded = jnp.pad(jnp.moveaxis(x, -1, 0), ((0, 0), (0, 0), (top, bottom), (left, right)))
+        taps = jnp.stack([
+            padded[:, :, i : i + stride[0] * (rows - 1) + 1 : stride[0], j : j + stride[1] * (cols - 1) + 1 : stride[1]]
             for i in range(kh)
             for j in range(kw)
-        ],
-        axis=-1,
-    )
-    return patches @ _hwio(weight).reshape(-1, out)
+        ])
+        return taps.reshape(kh * kw * channels, -1) @ jnp.moveaxis(cotangent, -1, 0).reshape(out, -1).T
+
+    batch = x.shape[0]
+    per_image = rows * cols * kh * kw * channels * x.dtype.itemsize
+    size = max(d for d in range(1, batch + 1) if batch % d == 0 and (d == 1 or d * per_image <= TAPS_BYTES))
+    if size == batch:
+        grad = chunk(x, cotangent)
+    else:
+        split = lambda a: a.reshape(batch // size, size, *a.shape[1:])
+        grad = jax.lax.scan(
+            lambda total, xc: (total + chunk(*xc), None),
+            jnp.zeros((kh * kw * channels, out), x.dtype),
+            (split(x), split(cotangent)),
+        )[0]
+    return jnp.transpose(grad.reshape(kh, kw, channels, out), (3, 2, 0, 1))
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _cpu_conv(x, weight, stride, padding):
-    return _conv(x, weight, stride, padding)
+@functools.cache
+def _cpu_conv(stride, padding):
+    """The CPU convolution of one image `(H, W, C)`, for `vmap` to batch.
 
+    Under `vmap` (how `Denoiser` calls networks) it convolves the whole batch at once, and its
+    VJP is [`_input_gradient`][] and [`_weight_gradient`][] over that batch: the kernel's gradient
+    is one matmul summed over the batch, where a per-image VJP would leave `vmap` a batched
+    matmul per image and a sum. The cost: on the CPU, `Conv2d` is differentiable only under a
+    `vmap` over the images (`jax.custom_batching.custom_vmap` has no reverse mode of its own).
+    """
 
-def _cpu_conv_fwd(x, weight, stride, padding):
-    return _conv(x, weight, stride, padding), (x, weight)
+    @jax.custom_vjp
+    def batched(x, weight):
+        return _conv(x, weight, stride, padding)
 
+    def forward(x, weight):
+        return batched(x, weight), (x, weight)
 
-def _cpu_conv_bwd(stride, padding, residuals, cotangent):
-    x, weight = residuals
-    return jax.vjp(lambda x, w: _conv_as_matmul(x, w, stride, padding), x, weight)[1](cotangent)
+    def backward(residuals, cotangent):
+        x, weight = residuals
+        return (
+            _input_gradient(cotangent, weight, stride, padding, x.shape),
+            _weight_gradient(x, cotangent, weight, stride, padding),
+        )
 
+    batched.defvjp(forward, backward)
 
-_cpu_conv.defvjp(_cpu_conv_fwd, _cpu_conv_bwd)
+    @jax.custom_batching.custom_vmap
+    def one(x, weight):
+        return batched(x[None], weight)[0]
+
+    @one.def_vmap
+    def rule(axis_size, in_batched, x, weight):
+        x_batched, weight_batched = in_batched
+        if weight_batched:  # e.g. an ensemble of networks: one convolution per image and kernel
+            per_image = jax.vmap(lambda x, w: batched(x[None], w)[0], in_axes=(0 if x_batched else None, 0))
+            return per_image(x, weight), True
+        return batched(x, weight), True
+
+    return one
 
 
 class Conv2d(eqx.nn.Conv2d):
     """`equinox.nn.Conv2d` (same weights, same initialisation) acting on channels-last `(H, W, C)`.
 
-    On the CPU, where XLA runs the gradients of a convolution much slower inside loops than
-    outside (the transposed convolutions get layouts its fast kernel does not take), the
-    backward pass is that of the same convolution written as a matmul (im2col): about 3 to 15
-    times faster inside `lax.scan` (`benchmarks/bench_mstep.py`). Other backends use XLA's own.
+    On the CPU, XLA's own gradients of a convolution run an order of magnitude slower than the
+    convolution (their transposed layouts miss its fast kernels), so the VJP is ours: the input
+    gradient is a convolution in the same layout, the kernel gradient one matmul over im2col taps,
+    both over the whole batch under `vmap` ([`_cpu_conv`][]; docs/conventions.md, 'Networks').
+    A training step then costs about 3.5 forward passes (`benchmarks/bench_mstep.py`). On the
+    CPU the layer is differentiable under a `vmap` over the images only. Other backends use XLA's own.
     """
 
     def __call__(self, x: Float[Array, "H W C"], *, key: PRNGKeyArray | None = None) -> Float[Array, "H2 W2 O"]:
         if self.dilation != (1, 1) or self.groups != 1:
             raise NotImplementedError("Conv2d: dilation and groups are not used by our networks")
-        conv = _cpu_conv if jax.default_backend() == "cpu" else _conv
-        y = conv(x, self.weight, self.stride, self.padding)
+        if jax.default_backend() == "cpu":
+            y = _cpu_conv(self.stride, self.padding)(x, self.weight)
+        else:
+            y = _conv(x[None], self.weight, self.stride, self.padding)[0]
         return y if self.bias is None else y + self.bias.reshape(-1)
 
 
