@@ -45,9 +45,10 @@ def _conv(x, weight, stride, padding):
 def _input_gradient(cotangent, weight, stride, padding, shape):
     r"""The gradient with respect to the input, as a stride-1 convolution in the same layout.
 
-    $\partial x[p] = \sum_t \bar y[(p + \text{lo} - t) / s] \, W_t^\top$: the cotangent dilated by
-    the stride (zeros between its pixels), padded by $k - 1 - \text{lo}$ before and what restores
-    `shape` after, convolved with the spatially flipped kernel whose in and out are swapped.
+    $\partial x[p] = \sum_t \bar y[(p + \text{lo} - t) / s] \, W_t^\top$ (over the $t$ for which
+    $s$ divides): the cotangent dilated by the stride (zeros between its pixels), padded by
+    $k - 1 - \text{lo}$ before and what restores `shape` after, convolved with the spatially
+    flipped kernel whose in and out are swapped.
     """
     pads = [(0, 0, 0)]
     for size, k, s, rows, (lo, _) in zip(shape[1:3], weight.shape[2:], stride, cotangent.shape[1:3], padding):
@@ -59,8 +60,8 @@ def _input_gradient(cotangent, weight, stride, padding, shape):
     )
 
 
-# Bytes of im2col taps built at once by `_weight_gradient`: the L2 cache of one core of the CPUs we
-# measured on (docs/conventions.md, 'Networks').
+# Bytes of im2col taps built at once by `_weight_gradient`: the fastest of 256 KiB to the whole
+# batch in training steps on a 2-core CPU, the taps staying in its caches (docs/conventions.md, 'Networks').
 TAPS_BYTES = 2**22
 
 
@@ -145,12 +146,13 @@ def _cpu_conv(stride, padding):
 class Conv2d(eqx.nn.Conv2d):
     """`equinox.nn.Conv2d` (same weights, same initialisation) acting on channels-last `(H, W, C)`.
 
-    On the CPU, XLA's own gradients of a convolution run an order of magnitude slower than the
+    On the CPU, XLA's own gradients of a convolution run about 100 times slower than the
     convolution (their transposed layouts miss its fast kernels), so the VJP is ours: the input
-    gradient is a convolution in the same layout, the kernel gradient one matmul over im2col taps,
+    gradient a convolution in the same layout, the kernel gradient one matmul over im2col taps,
     both over the whole batch under `vmap` ([`_cpu_conv`][]; docs/conventions.md, 'Networks').
-    A training step then costs about 3.5 forward passes (`benchmarks/bench_mstep.py`). On the
-    CPU the layer is differentiable under a `vmap` over the images only. Other backends use XLA's own.
+    A U-Net's training step then costs 3 to 3.5 forward passes (`benchmarks/bench_mstep.py`).
+    On the CPU the layer is differentiable under a `vmap` over the images only. Other backends
+    use XLA's own convolution and gradients.
     """
 
     def __call__(self, x: Float[Array, "H W C"], *, key: PRNGKeyArray | None = None) -> Float[Array, "H2 W2 O"]:
