@@ -88,7 +88,7 @@ class Sampler(eqx.Module):
         x = mean + self.schedule.sigma_max * jax.random.normal(key_init, shape, dtype)
 
         def time(i):  # entry i of `VESchedule.time_grid(steps)`
-            return (1 - i / jnp.asarray(self.steps, float)).astype(dtype)
+            return self.schedule.time(i, self.steps).astype(dtype)
 
         def step(i, x_t):  # x_s and the batch means of the diagnostics
             x_s, info = self.step(denoiser, x_t, time(i), time(i + 1), jax.random.fold_in(key_steps, i))

@@ -29,6 +29,10 @@ class VESchedule(eqx.Module):
         t = jnp.asarray(t)
         return jnp.exp((1 - t) * jnp.log(self.sigma_min) + t * jnp.log(self.sigma_max))
 
+    def time(self, i, steps) -> Array:
+        """Entry `i` of the sampling grid of `steps` steps, $t_i = 1 - i / T$ (`i`, `steps` may be traced)."""
+        return 1 - jnp.asarray(i) / jnp.asarray(steps, float)
+
     def time_grid(self, steps: int) -> Float[Array, " steps+1"]:
         """The sampling grid: `steps` uniform steps in $t$ from 1 to 0 (geometric in $\\sigma$)."""
-        return jnp.linspace(1.0, 0.0, steps + 1)
+        return self.time(jnp.arange(steps + 1), steps)
