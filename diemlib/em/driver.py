@@ -38,7 +38,7 @@ from ..linalg.ppca import ppca
 from . import checkpoint, distributed
 from .estep import EStep, posterior_samples, warn_if_diverged
 from .mstep import MStep, maximize
-from .sharding import replicated_sharding
+from .sharding import replicate
 from .training import make_train_step
 
 
@@ -62,30 +62,17 @@ def fit_gaussian(
     [`ppca`][] of rank `rank` to the samples. `callback(i, mean, cov, info)` after iteration `i`.
     """
     d = math.prod(event_shape)
-    mean, cov = _replicated((jnp.zeros(event_shape, y.dtype), DPLR(jnp.ones(d, y.dtype), jnp.zeros((d, rank), y.dtype))))
+    mean, cov = replicate((jnp.zeros(event_shape, y.dtype), DPLR(jnp.ones(d, y.dtype), jnp.zeros((d, rank), y.dtype))))
     for i in range(iterations):
         prior = GaussianDenoiser(mean, cov)
         x, info = posterior_samples(
             jax.random.fold_in(key, i), prior, A, y, var_y, estep, event_shape=event_shape, mean=mean,
             desc=f"q0 iteration {i + 1}/{iterations}, E-step",
         )
-        mean, cov = _replicated(ppca(x, rank, key=jax.random.fold_in(key, iterations + i)))
+        mean, cov = replicate(ppca(x, rank, key=jax.random.fold_in(key, iterations + i)))
         if callback is not None:
             callback(i, mean, cov, info)
     return mean, cov
-
-
-def _replicated(tree):
-    """The arrays of `tree` whole on every device (one process; several place them already).
-
-    What one lap or iteration hands the next (the model, the means, the Gaussian's parameters)
-    passes through it, fresh, computed or loaded by a resumed run alike: the E-step's and the
-    M-step's programs then see the same argument types (shardings) in every lap and compile once.
-    """
-    if jax.process_count() > 1:
-        return tree
-    arrays, static = eqx.partition(tree, eqx.is_array)
-    return eqx.combine(jax.device_put(arrays, replicated_sharding()), static)
 
 
 class RunConflict(RuntimeError):
@@ -212,7 +199,7 @@ def diem(
     q0_like = (jnp.zeros(event_shape, y.dtype), DPLR(jnp.zeros(d, y.dtype), jnp.zeros((d, gaussian_rank), y.dtype)))
     saved = _load(run_dir / "q0.eqx", q0_like)
     if saved is not None:
-        q0_mean, q0_cov = _replicated(saved[0])
+        q0_mean, q0_cov = replicate(saved[0])
     else:
         start = time.perf_counter()
         n = y.shape[0] if gaussian_observations is None else gaussian_observations
@@ -244,7 +231,7 @@ def diem(
         log(f"resuming after lap {meta['lap']}")
     else:
         mean, first = q0_mean, 0
-    model, mean = _replicated((model, mean))
+    model, mean = replicate((model, mean))
     metrics["laps"] = metrics["laps"][:first]
     step_fn = make_train_step(mstep.optimizer(), lambda m, x, k: denoising_loss(m, x, k, schedule), mstep.ema_decay)
     samples_like = jnp.zeros((y.shape[0] * estep.samples_per_observation, *event_shape), y.dtype)
@@ -273,7 +260,7 @@ def diem(
         except FloatingPointError as error:
             last = f"lap {lap - 1}" if lap > 0 else "q0"
             raise FloatingPointError(f"lap {lap}: {error}; the checkpoints of {last} are intact") from error
-        model, mean = _replicated((model, jnp.mean(samples, axis=0)))
+        model, mean = replicate((model, jnp.mean(samples, axis=0)))
         mstep_time = time.perf_counter() - start
 
         tail = losses[-max(1, len(losses) // 10) :]
