@@ -123,7 +123,7 @@ def test_paper_numbers_ours_and_commands(page):
     _, text = page
     # the paper: Table 1 at the run's rho (laptop: 50 %), Table 4 for MMPS, the cost table
     assert "6.76 after 32 laps" in text and "21.73/0.69/0.23" in text and "MMPS (k) 1F + (k + 1)B" in text
-    assert "FID 39.94 with (I + Σ_t⁻¹)⁻¹ and 118.69 with Σ_t" in text and "not run at this scale" in text
+    assert "FID 39.94 with (I + Σ_t⁻¹)⁻¹ and 118.69 with Σ_t" in text and "not run: the ablation is" in text
     # ours
     assert "358.0 (q0) → 265.4 (lap 1)" in text and "KID 0.360 (q0) → 0.246 (lap 1)" in text
     assert "Sinkhorn number to the ground truth 2.5 (q0) → 0.123 (lap 1)" in text
@@ -199,3 +199,57 @@ def test_profile_order(tmp_path):
     assert report.find_run(outputs, "04_mri", "ci").name == "ci"
     assert report.find_run(outputs, "04_mri", "laptop").name == "paper"
     assert report.find_run(outputs, "01_manifold", "laptop") is None
+
+
+def ablation_run(outputs, covariance, fids, extra=()):
+    """Notebook 03's laptop run with `-p covariance COVARIANCE`, FID per lap `fids` (q0 first)."""
+    plan = runner.resolve("03_cifar10", "laptop", [*COMMANDS["03_cifar10"], ("covariance", covariance), *extra],
+                          out=outputs / "03_cifar10" / f"laptop-{covariance}", root=ROOT)
+    plan.out_dir.mkdir(parents=True)
+    (plan.out_dir / "params.yaml").write_text(runner._dump_params(plan))
+    metrics = em({"fid": fids[0], "kid_mean": fids[0] / 1000},
+                 [{"fid": fid, "kid_mean": fid / 1000} for fid in fids[1:]])
+    (plan.out_dir / "metrics.json").write_text(json.dumps(metrics))
+    return plan.out_dir
+
+
+def section(text, stem):
+    return text[text.index(f"## {stem}"):].split("\n## ")[0]
+
+
+def test_table1_ablation_side_by_side(tmp_path):
+    """Runs of notebook 03 that differ in `covariance` only are shown together (Table 1): a table
+    per lap, one figure, each run's command, and the verdict on the paper's order."""
+    outputs, docs = tmp_path / "outputs", tmp_path / "docs"
+    fake_run(outputs, "03_cifar10", "laptop")  # tweedie: FID 358 -> 330 -> 265.4
+    ablation_run(outputs, "sigma_over_1p", [358.0, 335.0, 300.0])
+    ablation_run(outputs, "sigma", [358.0, 340.0, 330.0])
+    ablation_run(outputs, "zero", [358.0, 200.0, 100.0], extra=[("laps", "2")])  # another scale: not shown
+    text = section(report.write_report(ROOT, outputs, docs, "laptop").read_text(), "03_cifar10")
+    assert "### Table 1" in text and "3 runs whose parameters differ in `covariance` only" in text
+    assert "`zero`" not in text
+    assert ("--out outputs/03_cifar10/laptop-sigma_over_1p" in text
+            and ".venv/bin/diem-run 03_cifar10 --profile laptop -p cifar10 data/cifar10-jpeg.tar.gz -p covariance sigma "
+                "--out outputs/03_cifar10/laptop-sigma`" in text)
+    assert "| lap 1 | 265.4 | 300 | 330 | 0.246 | 0.3 | 0.33 |" in text  # oldest run first
+    assert "yes, the paper's order in FID and KID: (I + Σ_t⁻¹)⁻¹ FID +34.6 (1.13×)" in text
+    assert "Σ_t FID +64.6 (1.24×)" in text
+    figure = docs / "results" / "03_cifar10" / "ablation_covariance.png"
+    assert figure.is_file() and "results/03_cifar10/ablation_covariance.png" in text
+
+
+def test_table1_ablation_out_of_order_and_unfinished(tmp_path):
+    """Σ_t ahead of Tweedie's is reported as the order not holding; a run with fewer laps so far
+    is compared at the laps all have."""
+    outputs, docs = tmp_path / "outputs", tmp_path / "docs"
+    fake_run(outputs, "03_cifar10", "laptop")  # tweedie: 330 at lap 0
+    ablation_run(outputs, "sigma", [358.0, 320.0])  # one lap so far, better than Tweedie's at lap 0
+    text = section(report.write_report(ROOT, outputs, docs, "laptop").read_text(), "03_cifar10")
+    assert "after 1 lap, ρ = 0.5" in text
+    assert "no: FID orders them Σ_t < Tweedie's" in text
+
+
+def test_no_ablation_without_other_runs(page):
+    _, text = page
+    text = section(text, "03_cifar10")
+    assert "### Table 1" not in text and "not run: the ablation is one run per covariance" in text

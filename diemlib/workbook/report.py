@@ -71,6 +71,7 @@ class Run:
     metrics: dict
     params: dict = field(default_factory=dict)
     sources: list[str] = field(default_factory=list)  # the `# from:` line of params.yaml
+    ablation: dict[str, Run] = field(default_factory=dict)  # value -> run, see `ablation_runs`
 
     @classmethod
     def read(cls, stem: str, path: Path) -> Run:
@@ -84,8 +85,15 @@ class Run:
 
     @property
     def command(self) -> str | None:
-        """The command that runs it again into this directory (None: not run by `diem-run`)."""
-        return VENV_BIN + command_line(self.stem, self.sources, self.name) if self.sources else None
+        """The command that runs it again into this directory (None: not run by `diem-run`):
+        `--profile P --out outputs/<stem>/<name>` where the directory is not named after P."""
+        if not self.sources:
+            return None
+        files = [s for s in self.sources[1:] if not s.startswith("-p ")]
+        profile = Path(files[0]).stem if files else "default"
+        if files and files[0] != f"params/{self.stem}/{profile}.yaml" or profile == self.name:
+            return VENV_BIN + command_line(self.stem, self.sources, self.name)
+        return VENV_BIN + command_line(self.stem, self.sources, profile, Path("outputs", self.stem, self.name))
 
     @property
     def record(self) -> dict:
@@ -118,6 +126,21 @@ def find_run(outputs: Path, stem: str, profile: str) -> Run | None:
     return Run.read(stem, best)
 
 
+def ablation_runs(outputs: Path, run: Run, parameter: str) -> dict[str, Run]:
+    """The runs of `run`'s notebook whose parameters equal its own but for `parameter` (an
+    ablation, as notebook 03's `covariance` for Table 1), `run` included, by that parameter's
+    value (the newest run of each value); empty where there is no other value."""
+    ignored = {parameter, "out_dir", "overwrite"}
+    same = lambda params: {k: v for k, v in params.items() if k not in ignored}
+    found: dict[str, Run] = {}
+    for path in sorted((Path(outputs) / run.stem).glob("*/metrics.json"), key=lambda p: p.stat().st_mtime):
+        other = run if path.parent == run.path else Run.read(run.stem, path.parent)
+        if same(other.params) == same(run.params) and "laps" in other.metrics:
+            found[str(other.params.get(parameter))] = other
+    found[str(run.params.get(parameter))] = run
+    return found if len(found) > 1 else {}
+
+
 # --------------------------------------------------------------------------- formatting
 
 
@@ -126,6 +149,11 @@ def _num(x, spec: str = ".3g") -> str:
     if x is None:
         return "–"
     return x if isinstance(x, str) else format(x, spec)
+
+
+def _order(x) -> tuple:
+    """A sort key that puts a non-finite number (a string in metrics.json) last."""
+    return (1, 0.0) if isinstance(x, str) or x is None else (0, x)
 
 
 def _duration(seconds: float) -> str:
@@ -254,14 +282,43 @@ def _cifar10(run: Run):
     ], [
         "A heuristic covariance instead of Tweedie's degrades the prior (Table 1, Fig. 5)",
         "FID 39.94 with (I + Σ_t⁻¹)⁻¹ and 118.69 with Σ_t, against 13.18, at ρ = 0.75",
-        f"this run uses `{covariance}` only",
-        "not run at this scale: the ablation is one run per covariance (`-p covariance sigma_over_1p`, "
-        "`-p covariance sigma`, each with its own `--out outputs/03_cifar10/NAME`)",
+        *_covariance_ablation(run),
     ]]
     details = _lap_table(m, {"fid": ("FID", ".1f"), "kid_mean": ("KID", ".4f"), "loss": ("training loss", ".3g"),
                              "estep_time": ("E-step s", ".0f"), "mstep_time": ("M-step s", ".0f"),
                              "eval_time": ("evaluation s", ".0f")})
     return compare, details
+
+
+COVARIANCES = {"tweedie": "Tweedie's", "sigma_over_1p": "(I + Σ_t⁻¹)⁻¹", "sigma": "Σ_t"}  # Table 1's order
+
+
+def _covariance_ablation(run: Run) -> list[str]:
+    """Table 1's claim on the runs that differ in `covariance` only: the last lap's FID and KID of
+    each, and whether they come in the paper's order (Tweedie's best, Σ_t worst)."""
+    if not run.ablation:
+        return [f"this run uses `{run.params.get('covariance', 'tweedie')}` only",
+                "not run: the ablation is one run per covariance, same parameters otherwise (`-p covariance "
+                "sigma_over_1p`, `-p covariance sigma`, each with its own `--out outputs/03_cifar10/NAME`)"]
+    laps = min(len(r.metrics["laps"]) for r in run.ablation.values())  # a run still going: its laps so far
+    last = {c: r.metrics["laps"][laps - 1] for c, r in run.ablation.items()}
+    finite = {c: m for c, m in last.items() if not isinstance(m["fid"], str) and not isinstance(m["kid_mean"], str)}
+    ranked = [c for c in COVARIANCES if c in finite]
+    fid_order, kid_order = (sorted(ranked, key=lambda c: finite[c][key]) for key in ("fid", "kid_mean"))
+    ours = "; ".join(f"{COVARIANCES.get(c, c)} FID {_num(m['fid'], '.1f')}, KID {_num(m['kid_mean'], '.3f')}"
+                     for c, m in sorted(last.items(), key=lambda item: _order(item[1]["fid"])))
+    if len(ranked) < 2:
+        verdict = "not enough finite runs to compare"
+    elif fid_order == kid_order == ranked:
+        base = finite[ranked[0]]
+        verdict = "yes, the paper's order in FID and KID: " + ", ".join(
+            f"{COVARIANCES[c]} FID +{finite[c]['fid'] - base['fid']:.1f} ({finite[c]['fid'] / base['fid']:.2f}×), "
+            f"KID +{finite[c]['kid_mean'] - base['kid_mean']:.3f}" for c in ranked[1:]) + " over Tweedie's"
+    else:
+        verdict = (f"no: FID orders them {' < '.join(COVARIANCES[c] for c in fid_order)}, KID "
+                   f"{' < '.join(COVARIANCES[c] for c in kid_order)} (the paper: {' < '.join(COVARIANCES[c] for c in ranked)})")
+    return [f"after {_laps(laps)}, ρ = {_num(run.params.get('rho'), 'g')}: {ours}",
+            f"{verdict}; same seed, data and laps, at this run's scale (see Table 1 below)"]
 
 
 def _mri(run: Run):
@@ -363,6 +420,9 @@ class Section:
     scale: tuple[str, ...]  # parameters shown against the paper profile's
     figures: tuple[tuple[str, str], ...]  # (file name, or a glob whose last match is shown; caption)
     needs: str = ""  # what a first run needs beyond the command
+    ablation: str = ""  # a parameter whose other values, run with the rest unchanged, are shown side by side
+    ablation_metrics: tuple[tuple[str, str], ...] = ()  # (key of a lap's metrics, heading) shown per value
+    ablation_title: str = ""
 
 
 SECTIONS = {
@@ -385,7 +445,8 @@ SECTIONS = {
          ("samples_q0.png", "q0: observations and unconditional samples"),
          ("samples_lap*.png", "the last lap: observations, posterior samples and prior samples (Fig. 4)"),
          ("metrics.png", "FID, KID, loss and time per lap")),
-        CIFAR_NOTE),
+        CIFAR_NOTE, "covariance", (("fid", "FID"), ("kid_mean", "KID")),
+        "Table 1: the covariance in MMPS, Tweedie's against the heuristics"),
     "04_mri": Section(
         "DiEM for accelerated MRI", "§5.3, Fig. 6", _mri,
         ("size", "observations", "laps", "widths", "mstep_epochs", "estep_steps", "study_steps", "brain_volume",
@@ -495,9 +556,50 @@ def _section(stem: str, run: Run | None, root: Path, outputs: Path, docs: Path, 
     else:
         lines += ["This notebook records no `claims`; its verdicts are in the tables below.", ""]
     if section:
-        lines += ["### Numbers", "", *details, "### Figures", ""]
-        lines += _figures(run, section, docs / "results" / stem, max_width)
+        lines += ["### Numbers", "", *details]
+        if run.ablation:
+            lines += _ablation(run, section, root, docs / "results" / stem)
+        lines += ["### Figures", "", *_figures(run, section, docs / "results" / stem, max_width)]
     return lines
+
+
+def _ablation(run: Run, section: Section, root: Path, dest: Path) -> list[str]:
+    """The runs that differ from `run` in `section.ablation` only: each metric per lap and value in
+    one table, and in one figure (drawn here, into `dest`), with each run's command."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs, name = run.ablation, section.ablation
+    laps = max(len(r.metrics["laps"]) for r in runs.values())
+    labels = ["q0", *(f"lap {i}" for i in range(laps))]
+    per_lap = lambda r, key: [r.metrics["q0"].get(key)] + [m.get(key) for m in r.metrics["laps"]]
+    head = [""] + [f"{heading}, `{value}`" for key, heading in section.ablation_metrics for value in runs]
+    columns = [per_lap(r, key) for key, _ in section.ablation_metrics for r in runs.values()]
+    rows = [[label, *(_num(c[i], ".4g") if i < len(c) else "–" for c in columns)] for i, label in enumerate(labels)]
+    fig, axes = plt.subplots(1, len(section.ablation_metrics), figsize=(4.5 * len(section.ablation_metrics), 3.2),
+                             squeeze=False)
+    for ax, (key, heading) in zip(axes[0], section.ablation_metrics):
+        for value, r in runs.items():
+            values = [v if isinstance(v, (int, float)) else float("nan") for v in per_lap(r, key)]
+            ax.plot(range(len(values)), values, "o-", label=f"{name} = {value}")
+        ax.set_xticks(range(len(labels)), labels)
+        ax.set_title(f"{heading} per lap")
+    axes[0][0].legend()
+    fig.tight_layout()
+    dest.mkdir(parents=True, exist_ok=True)
+    figure = dest / f"ablation_{name}.png"
+    fig.savefig(figure, dpi=100)
+    plt.close(fig)
+    return [f"### {section.ablation_title or f'Ablation: `{name}`'}", "",
+            f"{len(runs)} runs whose parameters differ in `{name}` only:", "",
+            *(f"- `{name}` = `{value}`: `{_shown(r.path, root)}/`, {r.finished[:16]}, "
+              f"{_duration(r.record['wall_time_s']) if 'wall_time_s' in r.record else 'wall time not recorded'}; "
+              f"`{r.command}`" for value, r in runs.items()), "",
+            *_table(head, rows),
+            f"![{name} ablation](results/{run.stem}/{figure.name})",
+            f"*{figure.name}: {', '.join(h for _, h in section.ablation_metrics)} per lap, one line per `{name}`.*", ""]
 
 
 def _summary_row(stem: str, run: Run | None) -> list[str]:
@@ -522,6 +624,9 @@ def write_report(root: Path, outputs: Path, docs: Path, profile: str = "laptop",
     if max_width < 100:
         raise RunnerError(f"--max-width must be at least 100 pixels, got {max_width}")
     runs = {stem: find_run(outputs, stem, profile) for stem in stems}
+    for stem, run in runs.items():
+        if run is not None and stem in SECTIONS and SECTIONS[stem].ablation:
+            run.ablation = ablation_runs(outputs, run, SECTIONS[stem].ablation)
     for stale in (docs / "results").glob("*/*.png"):  # an earlier report's figures
         stale.unlink()
     body = [line for stem, run in runs.items()
