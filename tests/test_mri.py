@@ -156,3 +156,19 @@ def test_holdout_keeps_neighbours_of_held_out_slices_out_of_training(count, held
     assert len(train) + len(test) + 2 * gap * len(test) >= count  # only the gaps are dropped
     with pytest.raises(ValueError):
         holdout(count, count, gap)
+
+
+@pytest.mark.parametrize("profile", [None, "ci", "laptop"])
+def test_profiles_on_the_template_fit_its_slices(profile):
+    """Notebook 04's runs without data of their own (Run All, `ci`, `laptop`) read the MNI152
+    template: its slices must cover what they ask for, or the run stops in its data cell."""
+    from diemlib.data.mri import mni152_template
+    from diemlib.workbook import runner
+
+    p = runner.resolve("04_mri", profile).values
+    assert p["brain_volume"] == "" and p["fastmri"] == ""
+    slices = load_brain_volume(mni152_template(), size=p["size"], orientations=tuple(p["orientations"]),
+                               min_tissue=p["min_tissue"])
+    train, _ = holdout(len(slices), p["held_out"], p["holdout_gap"])
+    observations = len(train[: p["observations"] or None])
+    assert p["gaussian_observations"] <= observations and 2 * p["eval_samples"] <= observations
