@@ -14,6 +14,9 @@
 #                                the notebook runs and the browser check)
 #   make notebook NB=02 PROFILE=ci ARGS="-p seeds 4"
 #   make params NB=02            a notebook's parameters, defaults and help
+#   make table1                  Table 1's ablation: notebook 03 at PROFILE with Tweedie's
+#                                covariance (outputs/03_cifar10/PROFILE, shared with make run) and
+#                                the two heuristics (outputs/03_cifar10/PROFILE-sigma_over_1p, -sigma)
 #   make report                  docs/results.md: each notebook's run (PROFILE) beside the paper
 #   make data                    fetch CIFAR-10 (170 MB, MD5-checked) into data/; notebooks 03
 #                                and 05 otherwise fetch it at first use (DIEMLIB_DOWNLOAD=0: never)
@@ -51,7 +54,7 @@ LAB_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.py))
 ALL_PY := $(sort $(wildcard notebooks/*.py))
 
-.PHONY: help env run test notebook params report data bench gpu-smoke sync lab check-lab clean-env
+.PHONY: help env run table1 test notebook params report data bench gpu-smoke sync lab check-lab clean-env
 
 help:
 	@sed -n '1,/^$$/p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
@@ -79,6 +82,16 @@ run: $(READY)
 	done; \
 	if [ -n "$$failed" ]; then echo "FAILED:$$failed" >&2; exit 1; fi; \
 	echo "all notebooks ran; see outputs/"
+
+# Same seed, data and laps; each run resumable in its own directory. `make report` shows them side by side.
+table1: $(READY)
+	@failed=""; \
+	for cov in tweedie sigma_over_1p sigma; do \
+	  out=outputs/03_cifar10/$(PROFILE)$$([ $$cov = tweedie ] || echo "-$$cov"); \
+	  echo "=== 03_cifar10 (profile $(PROFILE), covariance $$cov) -> $$out"; \
+	  $(BIN)/diem-run 03_cifar10 --profile $(PROFILE) $(ARGS) -p covariance $$cov --out $$out || failed="$$failed $$cov"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "FAILED:$$failed" >&2; exit 1; fi
 
 test: $(READY)
 	$(BIN)/python -m pytest $(TEST_ARGS)
