@@ -158,8 +158,9 @@ plt.show()
 # $\sigma^2 / (1 + \sigma^2) I$: a deleted pixel then learns nothing from its observed
 # neighbours, the posterior samples keep the holes' noise, and the prior learns it. At
 # $\rho = 0.75$ the paper measures FID 13.18 with Tweedie's covariance against 39.94 for
-# $\sigma^2 / (1 + \sigma^2)$ and 118.69 for $\sigma^2$: run this notebook with
-# `-p covariance sigma_over_1p` to see it.
+# $\sigma^2 / (1 + \sigma^2)$ and 118.69 for $\sigma^2$. `make table1` runs this notebook's
+# `laptop` profile once per covariance (same seed, data and laps, each in its own directory), and
+# `make report` puts their FID and KID per lap side by side in `docs/results.md`.
 #
 # ## Step 0: a Gaussian prior $q_0$
 #
