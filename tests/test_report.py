@@ -225,7 +225,9 @@ def test_table1_ablation_side_by_side(tmp_path):
     ablation_run(outputs, "sigma_over_1p", [358.0, 335.0, 300.0])
     ablation_run(outputs, "sigma", [358.0, 340.0, 330.0])
     ablation_run(outputs, "zero", [358.0, 200.0, 100.0], extra=[("laps", "2")])  # another scale: not shown
-    text = section(report.write_report(ROOT, outputs, docs, "laptop").read_text(), "03_cifar10")
+    page = report.write_report(ROOT, outputs, docs, "laptop").read_text()
+    assert "| 03_cifar10 | §5.2, Table 1, Figs. 4-5 | `laptop` and 2 more with another `covariance` |" in page
+    text = section(page, "03_cifar10")
     assert "### Table 1" in text and "3 runs whose parameters differ in `covariance` only" in text
     assert "`zero`" not in text
     assert ("--out outputs/03_cifar10/laptop-sigma_over_1p" in text

@@ -608,7 +608,9 @@ def _summary_row(stem: str, run: Run | None) -> list[str]:
     if run is None:
         return [stem, paper, "not run yet", "–", "–", "–"]
     claims = run.metrics.get("claims")
-    return [stem, paper, f"`{run.name}`", run.finished[:10],
+    shown = f"`{run.name}`" + (f" and {len(run.ablation) - 1} more with another `{SECTIONS[stem].ablation}`"
+                               if run.ablation else "")
+    return [stem, paper, shown, run.finished[:10],
             _duration(run.record["wall_time_s"]) if "wall_time_s" in run.record else "–",
             f"{sum(c['holds'] for c in claims.values())} of {len(claims)}" if claims else "–"]
 
