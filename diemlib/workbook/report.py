@@ -17,6 +17,10 @@ wall time (`run` in `metrics.json`, written by `diem-run`), and the command that
 without a run gets a section saying so, with the command that makes one. The figures shown are
 copied into `docs/results/<notebook>/`, downscaled to `--max-width` pixels.
 
+An ablation is a set of runs of one notebook whose parameters differ in one parameter only: for
+notebook 03, `covariance` (Table 1, `make table1`). The page shows them beside the run it takes,
+their metrics per lap in one table and one figure, and says whether they come in the paper's order.
+
 The page is generated: it says so at its top, and every `make report` rewrites it whole.
 """
 
@@ -446,7 +450,7 @@ SECTIONS = {
          ("samples_lap*.png", "the last lap: observations, posterior samples and prior samples (Fig. 4)"),
          ("metrics.png", "FID, KID, loss and time per lap")),
         CIFAR_NOTE, "covariance", (("fid", "FID"), ("kid_mean", "KID")),
-        "Table 1: the covariance in MMPS, Tweedie's against the heuristics"),
+        "Table 1: the covariance in MMPS, Tweedie's against the heuristics (FID, KID: lower is better)"),
     "04_mri": Section(
         "DiEM for accelerated MRI", "§5.3, Fig. 6", _mri,
         ("size", "observations", "laps", "widths", "mstep_epochs", "estep_steps", "study_steps", "brain_volume",
@@ -599,7 +603,8 @@ def _ablation(run: Run, section: Section, root: Path, dest: Path) -> list[str]:
               f"`{r.command}`" for value, r in runs.items()), "",
             *_table(head, rows),
             f"![{name} ablation](results/{run.stem}/{figure.name})",
-            f"*{figure.name}: {', '.join(h for _, h in section.ablation_metrics)} per lap, one line per `{name}`.*", ""]
+            f"*{figure.name}: {', '.join(h for _, h in section.ablation_metrics)} per lap, one line per "
+            f"`{name}`.*", ""]
 
 
 def _summary_row(stem: str, run: Run | None) -> list[str]:
