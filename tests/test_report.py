@@ -233,22 +233,41 @@ def test_table1_ablation_side_by_side(tmp_path):
     assert ("--out outputs/03_cifar10/laptop-sigma_over_1p" in text
             and ".venv/bin/diem-run 03_cifar10 --profile laptop -p cifar10 data/cifar10-jpeg.tar.gz -p covariance sigma "
                 "--out outputs/03_cifar10/laptop-sigma`" in text)
-    assert "| lap 1 | 265.4 | 300 | 330 | 0.246 | 0.3 | 0.33 |" in text  # oldest run first
-    assert "yes, the paper's order in FID and KID: (I + Σ_t⁻¹)⁻¹ FID +34.6 (1.13×)" in text
+    assert "| lap 1 | 265.4 | 300 | 330 | 0.246 | 0.3 | 0.33 |" in text  # the run shown, then the oldest first
+    assert "yes, the paper's order in FID and KID: (I + Σ_t⁻¹)⁻¹ FID +34.6 (1.13×)" in text, text
     assert "Σ_t FID +64.6 (1.24×)" in text
     figure = docs / "results" / "03_cifar10" / "ablation_covariance.png"
     assert figure.is_file() and "results/03_cifar10/ablation_covariance.png" in text
 
 
-def test_table1_ablation_out_of_order_and_unfinished(tmp_path):
-    """Σ_t ahead of Tweedie's is reported as the order not holding; a run with fewer laps so far
-    is compared at the laps all have."""
+def test_table1_ablation_out_of_order(tmp_path):
+    """Σ_t ahead of Tweedie's is reported as the order not holding."""
     outputs, docs = tmp_path / "outputs", tmp_path / "docs"
-    fake_run(outputs, "03_cifar10", "laptop")  # tweedie: 330 at lap 0
-    ablation_run(outputs, "sigma", [358.0, 320.0])  # one lap so far, better than Tweedie's at lap 0
+    fake_run(outputs, "03_cifar10", "laptop")  # tweedie: 265.4 at lap 1
+    ablation_run(outputs, "sigma", [358.0, 320.0, 250.0])
     text = section(report.write_report(ROOT, outputs, docs, "laptop").read_text(), "03_cifar10")
-    assert "after 1 lap, ρ = 0.5" in text
-    assert "no: FID orders them Σ_t < Tweedie's" in text
+    assert "after 2 laps, ρ = 0.5: Σ_t FID 250.0, KID 0.250; Tweedie's FID 265.4" in text
+    assert "no: FID ranks them Σ_t < Tweedie's, KID Tweedie's < Σ_t (the paper: Tweedie's < Σ_t)" in text
+
+
+def test_table1_ablation_with_a_run_that_stopped(tmp_path):
+    """A run whose EM stopped (no metrics.json; the laps its driver finished in run/metrics.json,
+    the error in its executed notebook) is shown with its laps and the error, and ranks last."""
+    outputs, docs = tmp_path / "outputs", tmp_path / "docs"
+    fake_run(outputs, "03_cifar10", "laptop")
+    ablation_run(outputs, "sigma", [358.0, 340.0, 330.0])
+    out = ablation_run(outputs, "sigma_over_1p", [358.0, 500.0])
+    (out / "run").mkdir()
+    (out / "metrics.json").rename(out / "run" / "metrics.json")
+    error = {"output_type": "error", "ename": "FloatingPointError", "evalue": "lap 1: non-finite loss at step 5",
+             "traceback": []}
+    (out / "03_cifar10.ipynb").write_text(json.dumps({"cells": [{"cell_type": "code", "outputs": [error]}]}))
+    text = section(report.write_report(ROOT, outputs, docs, "laptop").read_text(), "03_cifar10")
+    assert "(I + Σ_t⁻¹)⁻¹ stopped after 1 lap (FloatingPointError: lap 1: non-finite loss at step 5)" in text
+    assert "**stopped after 1 lap**: FloatingPointError" in text
+    assert ("partly: Tweedie's is best in FID and KID (Σ_t FID +64.6 (1.24×), KID +0.084), but the heuristics rank "
+            "Σ_t < (I + Σ_t⁻¹)⁻¹ in FID (the paper: (I + Σ_t⁻¹)⁻¹ < Σ_t)" in text)
+    assert "| lap 1 | 265.4 | 330 | – |" in text  # tweedie, sigma (oldest first after the run shown), stopped
 
 
 def test_no_ablation_without_other_runs(page):

@@ -77,15 +77,22 @@ class Run:
     sources: list[str] = field(default_factory=list)  # the `# from:` line of params.yaml
     ablation: dict[str, Run] = field(default_factory=dict)  # value -> run, see `ablation_runs`
 
+    stopped: str = ""  # why an EM run stopped before its last lap (its notebook's error), else ""
+
     @classmethod
     def read(cls, stem: str, path: Path) -> Run:
-        metrics = json.loads((path / "metrics.json").read_text())
+        """The run in `path`; an EM run that stopped before its end (no `metrics.json`) is read from
+        the laps its driver finished (`run/metrics.json`), with the error its notebook raised."""
+        if (path / "metrics.json").is_file():
+            metrics, stopped = json.loads((path / "metrics.json").read_text()), ""
+        else:
+            metrics, stopped = json.loads((path / "run" / "metrics.json").read_text()), _error(path / f"{stem}.ipynb")
         params_path, params, sources = path / "params.yaml", {}, []
         if params_path.is_file():
             params = read_params_file(params_path)
             header = re.search(r"^# from: (.+)$", params_path.read_text(), re.M)
             sources = header.group(1).split(" <- ") if header else []
-        return cls(stem, path.name, path, metrics, params or metrics.get("params", {}), sources)
+        return cls(stem, path.name, path, metrics, params or metrics.get("params", {}), sources, stopped=stopped)
 
     @property
     def command(self) -> str | None:
@@ -108,7 +115,7 @@ class Run:
     def finished(self) -> str:
         if "finished" in self.record:
             return self.record["finished"]
-        mtime = (self.path / "metrics.json").stat().st_mtime
+        mtime = max(p.stat().st_mtime for p in self.path.glob("**/metrics.json"))
         return datetime.fromtimestamp(mtime).astimezone().isoformat(timespec="seconds") + " (file time)"
 
     def stale(self) -> bool:
@@ -130,19 +137,34 @@ def find_run(outputs: Path, stem: str, profile: str) -> Run | None:
     return Run.read(stem, best)
 
 
+def _error(notebook: Path) -> str:
+    """The error a notebook executed by papermill stopped on ("" if none is recorded)."""
+    if not notebook.is_file():
+        return ""
+    outputs = (o for cell in json.loads(notebook.read_text()).get("cells", []) for o in cell.get("outputs", []))
+    error = next((o for o in outputs if o.get("output_type") == "error"), None)
+    return f"{error['ename']}: {error['evalue']}" if error else ""
+
+
 def ablation_runs(outputs: Path, run: Run, parameter: str) -> dict[str, Run]:
     """The runs of `run`'s notebook whose parameters equal its own but for `parameter` (an
     ablation, as notebook 03's `covariance` for Table 1), `run` included, by that parameter's
-    value (the newest run of each value); empty where there is no other value."""
+    value (the newest run of each value); empty where there is no other value. An EM run that
+    stopped before its last lap is one of them, with the laps it finished (`Run.stopped`)."""
     ignored = {parameter, "out_dir", "overwrite"}
     same = lambda params: {k: v for k, v in params.items() if k not in ignored}
+    base = Path(outputs) / run.stem
+    finished = list(base.glob("*/metrics.json"))
+    stopped = [p for p in base.glob("*/run/metrics.json") if not (p.parent.parent / "metrics.json").is_file()]
     found: dict[str, Run] = {}
-    for path in sorted((Path(outputs) / run.stem).glob("*/metrics.json"), key=lambda p: p.stat().st_mtime):
-        other = run if path.parent == run.path else Run.read(run.stem, path.parent)
+    for path in sorted(finished + stopped, key=lambda p: p.stat().st_mtime):
+        directory = path.parent if path in finished else path.parent.parent
+        other = run if directory == run.path else Run.read(run.stem, directory)
         if same(other.params) == same(run.params) and "laps" in other.metrics:
             found[str(other.params.get(parameter))] = other
     found[str(run.params.get(parameter))] = run
-    return found if len(found) > 1 else {}
+    own = str(run.params.get(parameter))
+    return {own: run, **{value: other for value, other in found.items() if value != own}} if len(found) > 1 else {}
 
 
 # --------------------------------------------------------------------------- formatting
@@ -298,29 +320,36 @@ COVARIANCES = {"tweedie": "Tweedie's", "sigma_over_1p": "(I + Σ_t⁻¹)⁻¹", 
 
 
 def _covariance_ablation(run: Run) -> list[str]:
-    """Table 1's claim on the runs that differ in `covariance` only: the last lap's FID and KID of
-    each, and whether they come in the paper's order (Tweedie's best, Σ_t worst)."""
+    """Table 1's claim on the runs that differ in `covariance` only: each one's FID and KID at the
+    last lap, and whether they come in the paper's order (Tweedie's best, Σ_t worst). A run that
+    stopped before the last lap, or whose numbers are not finite, ranks behind every other."""
     if not run.ablation:
         return [f"this run uses `{run.params.get('covariance', 'tweedie')}` only",
-                "not run: the ablation is one run per covariance, same parameters otherwise (`-p covariance "
-                "sigma_over_1p`, `-p covariance sigma`, each with its own `--out outputs/03_cifar10/NAME`)"]
-    laps = min(len(r.metrics["laps"]) for r in run.ablation.values())  # a run still going: its laps so far
-    last = {c: r.metrics["laps"][laps - 1] for c, r in run.ablation.items()}
+                "not run: the ablation is one run per covariance, same parameters otherwise (`make table1`; or "
+                "`-p covariance sigma_over_1p`, `-p covariance sigma`, each with its own `--out outputs/03_cifar10/NAME`)"]
+    runs, label = run.ablation, lambda c: COVARIANCES.get(c, f"`{c}`")
+    laps = max(len(r.metrics["laps"]) for r in runs.values())
+    last = {c: r.metrics["laps"][-1] for c, r in runs.items() if len(r.metrics["laps"]) == laps and not r.stopped}
     finite = {c: m for c, m in last.items() if not isinstance(m["fid"], str) and not isinstance(m["kid_mean"], str)}
-    ranked = [c for c in COVARIANCES if c in finite]
-    fid_order, kid_order = (sorted(ranked, key=lambda c: finite[c][key]) for key in ("fid", "kid_mean"))
-    ours = "; ".join(f"{COVARIANCES.get(c, c)} FID {_num(m['fid'], '.1f')}, KID {_num(m['kid_mean'], '.3f')}"
-                     for c, m in sorted(last.items(), key=lambda item: _order(item[1]["fid"])))
-    if len(ranked) < 2:
-        verdict = "not enough finite runs to compare"
-    elif fid_order == kid_order == ranked:
-        base = finite[ranked[0]]
-        verdict = "yes, the paper's order in FID and KID: " + ", ".join(
-            f"{COVARIANCES[c]} FID +{finite[c]['fid'] - base['fid']:.1f} ({finite[c]['fid'] / base['fid']:.2f}×), "
-            f"KID +{finite[c]['kid_mean'] - base['kid_mean']:.3f}" for c in ranked[1:]) + " over Tweedie's"
+    behind = sorted((c for c in runs if c not in finite), key=lambda c: -len(runs[c].metrics["laps"]))
+    fid_order, kid_order = (sorted(finite, key=lambda c: finite[c][key]) + behind for key in ("fid", "kid_mean"))
+    paper = [c for c in COVARIANCES if c in runs] + [c for c in runs if c not in COVARIANCES]
+    why = lambda c: (f"stopped after {_laps(len(runs[c].metrics['laps']))} ({runs[c].stopped or 'unfinished'})"
+                     if c not in last else "numbers not finite")
+    ours = "; ".join([f"{label(c)} FID {finite[c]['fid']:.1f}, KID {finite[c]['kid_mean']:.3f}" for c in fid_order
+                      if c in finite] + [f"{label(c)} {why(c)}" for c in behind])
+    base = finite.get("tweedie")
+    gaps = ", ".join(f"{label(c)} FID +{finite[c]['fid'] - base['fid']:.1f} ({finite[c]['fid'] / base['fid']:.2f}×), "
+                     f"KID +{finite[c]['kid_mean'] - base['kid_mean']:.3f}" for c in fid_order if c in finite and c != "tweedie"
+                     ) if base else ""
+    said = lambda order: " < ".join(label(c) for c in order)
+    if fid_order == kid_order == paper:
+        verdict = "yes, the paper's order in FID and KID" + (f": {gaps} over Tweedie's" if gaps else "")
+    elif fid_order[0] == kid_order[0] == "tweedie":
+        verdict = (f"partly: Tweedie's is best in FID and KID ({gaps or 'the others stopped'}), but the heuristics "
+                   f"rank {said(fid_order[1:])} in FID (the paper: {said(paper[1:])})")
     else:
-        verdict = (f"no: FID orders them {' < '.join(COVARIANCES[c] for c in fid_order)}, KID "
-                   f"{' < '.join(COVARIANCES[c] for c in kid_order)} (the paper: {' < '.join(COVARIANCES[c] for c in ranked)})")
+        verdict = f"no: FID ranks them {said(fid_order)}, KID {said(kid_order)} (the paper: {said(paper)})"
     return [f"after {_laps(laps)}, ρ = {_num(run.params.get('rho'), 'g')}: {ours}",
             f"{verdict}; same seed, data and laps, at this run's scale (see Table 1 below)"]
 
@@ -449,8 +478,8 @@ SECTIONS = {
          ("samples_q0.png", "q0: observations and unconditional samples"),
          ("samples_lap*.png", "the last lap: observations, posterior samples and prior samples (Fig. 4)"),
          ("metrics.png", "FID, KID, loss and time per lap")),
-        CIFAR_NOTE, "covariance", (("fid", "FID"), ("kid_mean", "KID")),
-        "Table 1: the covariance in MMPS, Tweedie's against the heuristics (FID, KID: lower is better)"),
+        CIFAR_NOTE, "covariance", (("fid", "FID"), ("kid_mean", "KID"), ("loss", "training loss")),
+        "Table 1: the covariance in MMPS, Tweedie's against the heuristics (lower is better)"),
     "04_mri": Section(
         "DiEM for accelerated MRI", "§5.3, Fig. 6", _mri,
         ("size", "observations", "laps", "widths", "mstep_epochs", "estep_steps", "study_steps", "brain_volume",
@@ -588,6 +617,9 @@ def _ablation(run: Run, section: Section, root: Path, dest: Path) -> list[str]:
         for value, r in runs.items():
             values = [v if isinstance(v, (int, float)) else float("nan") for v in per_lap(r, key)]
             ax.plot(range(len(values)), values, "o-", label=f"{name} = {value}")
+        shown = [v for line in ax.get_lines() for v in line.get_ydata() if v > 0]
+        if shown and max(shown) > 100 * min(shown):  # e.g. a loss that blew up
+            ax.set_yscale("log")
         ax.set_xticks(range(len(labels)), labels)
         ax.set_title(f"{heading} per lap")
     axes[0][0].legend()
@@ -599,8 +631,9 @@ def _ablation(run: Run, section: Section, root: Path, dest: Path) -> list[str]:
     return [f"### {section.ablation_title or f'Ablation: `{name}`'}", "",
             f"{len(runs)} runs whose parameters differ in `{name}` only:", "",
             *(f"- `{name}` = `{value}`: `{_shown(r.path, root)}/`, {r.finished[:16]}, "
-              f"{_duration(r.record['wall_time_s']) if 'wall_time_s' in r.record else 'wall time not recorded'}; "
-              f"`{r.command}`" for value, r in runs.items()), "",
+              + (f"**stopped after {_laps(len(r.metrics['laps']))}**: {r.stopped}; " if r.stopped else
+                 f"{_duration(r.record['wall_time_s']) if 'wall_time_s' in r.record else 'wall time not recorded'}; ")
+              + f"`{r.command}`" for value, r in runs.items()), "",
             *_table(head, rows),
             f"![{name} ablation](results/{run.stem}/{figure.name})",
             f"*{figure.name}: {', '.join(h for _, h in section.ablation_metrics)} per lap, one line per "
