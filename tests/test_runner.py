@@ -21,7 +21,7 @@ import nbformat
 import pytest
 import yaml
 
-from diemlib.workbook import runner
+from diemlib.workbook import report, runner
 from diemlib.workbook.params import RunnerError, _parse_constraint, notebook_parameters
 from diemlib.workbook.runner import main, read_notebook, resolve
 
@@ -506,7 +506,10 @@ CI_DATA = {
 @pytest.mark.slow
 @pytest.mark.parametrize("py", CI_RUNS, ids=_ids(CI_RUNS))
 def test_notebook_runs_at_ci_profile(py, tmp_path):
-    out = tmp_path / py.stem
+    """The notebook runs at `ci`, and `make report` builds its section of the results page from
+    the run's real outputs: every number it reads is there, and the figures it shows are copied (a
+    `ci` run may skip some, as 05 skips tasks)."""
+    out = tmp_path / "outputs" / py.stem / "ci"
     data = CI_DATA.get(py.stem, lambda tmp: [])(tmp_path / "data")
     assert main([py.stem, "--root", str(ROOT), "--profile", "ci", "--out", str(out),
                  "--no-progress", *data]) == 0
@@ -514,3 +517,9 @@ def test_notebook_runs_at_ci_profile(py, tmp_path):
     assert (out / "metrics.json").is_file(), "a notebook writes metrics.json into out_dir"
     if py.stem == "04_mri":  # no data given: the template that ships with nilearn, labelled as such
         assert "MNI152 template" in json.loads((out / "metrics.json").read_text())["summary"]["data"]
+    page = report.write_report(ROOT, tmp_path / "outputs", tmp_path / "docs", "ci").read_text()
+    section = page[page.index(f"## {py.stem}"):].split("\n## ")[0]
+    assert "### The paper and this run" in section and "lacks what this page reads" not in section
+    assert f"**Run it again:** `.venv/bin/diem-run {py.stem} --profile ci" in section
+    figures = list((tmp_path / "docs" / "results" / py.stem).glob("*.png"))
+    assert figures and all(f"results/{py.stem}/{f.name}" in section for f in figures)
