@@ -76,7 +76,6 @@ class Run:
     params: dict = field(default_factory=dict)
     sources: list[str] = field(default_factory=list)  # the `# from:` line of params.yaml
     ablation: dict[str, Run] = field(default_factory=dict)  # value -> run, see `ablation_runs`
-
     stopped: str = ""  # why an EM run stopped before its last lap (its notebook's error), else ""
 
     @classmethod
@@ -102,7 +101,7 @@ class Run:
             return None
         files = [s for s in self.sources[1:] if not s.startswith("-p ")]
         profile = Path(files[0]).stem if files else "default"
-        if files and files[0] != f"params/{self.stem}/{profile}.yaml" or profile == self.name:
+        if (files and files[0] != f"params/{self.stem}/{profile}.yaml") or profile == self.name:
             return VENV_BIN + command_line(self.stem, self.sources, self.name)
         return VENV_BIN + command_line(self.stem, self.sources, profile, Path("outputs", self.stem, self.name))
 
@@ -154,17 +153,16 @@ def ablation_runs(outputs: Path, run: Run, parameter: str) -> dict[str, Run]:
     ignored = {parameter, "out_dir", "overwrite"}
     same = lambda params: {k: v for k, v in params.items() if k not in ignored}
     base = Path(outputs) / run.stem
-    finished = list(base.glob("*/metrics.json"))
-    stopped = [p for p in base.glob("*/run/metrics.json") if not (p.parent.parent / "metrics.json").is_file()]
-    found: dict[str, Run] = {}
-    for path in sorted(finished + stopped, key=lambda p: p.stat().st_mtime):
-        directory = path.parent if path in finished else path.parent.parent
-        other = run if directory == run.path else Run.read(run.stem, directory)
-        if same(other.params) == same(run.params) and "laps" in other.metrics:
-            found[str(other.params.get(parameter))] = other
-    found[str(run.params.get(parameter))] = run
-    own = str(run.params.get(parameter))
-    return {own: run, **{value: other for value, other in found.items() if value != own}} if len(found) > 1 else {}
+    candidates = [(p, p.parent) for p in base.glob("*/metrics.json")] + [
+        (p, p.parent.parent) for p in base.glob("*/run/metrics.json") if not (p.parent.parent / "metrics.json").is_file()]
+    own, others = str(run.params.get(parameter)), {}
+    for path, directory in sorted(candidates, key=lambda c: c[0].stat().st_mtime):
+        if directory != run.path:
+            other = Run.read(run.stem, directory)
+            value = str(other.params.get(parameter))
+            if value != own and same(other.params) == same(run.params) and "laps" in other.metrics:
+                others[value] = other
+    return {own: run, **others} if others else {}
 
 
 # --------------------------------------------------------------------------- formatting
@@ -175,11 +173,6 @@ def _num(x, spec: str = ".3g") -> str:
     if x is None:
         return "–"
     return x if isinstance(x, str) else format(x, spec)
-
-
-def _order(x) -> tuple:
-    """A sort key that puts a non-finite number (a string in metrics.json) last."""
-    return (1, 0.0) if isinstance(x, str) or x is None else (0, x)
 
 
 def _duration(seconds: float) -> str:
