@@ -60,45 +60,25 @@ def _input_gradient(cotangent, weight, stride, padding, shape):
     )
 
 
-# Bytes of im2col taps built at once by `_weight_gradient`: the fastest of 256 KiB to the whole
-# batch in training steps on a 2-core CPU, the taps staying in its caches (docs/conventions.md, 'Networks').
-TAPS_BYTES = 2**22
-
-
 def _weight_gradient(x, cotangent, weight, stride, padding):
-    r"""The gradient with respect to the kernel, one matmul over the im2col taps of `x`.
+    r"""The gradient with respect to the kernel, one matmul per kernel tap over the whole batch.
 
-    $\partial W_{t} = \sum_{b, p} x_b[s p + t - \text{lo}] \, \bar y_b[p]^\top$, summed over the
-    batch and the output pixels: the taps of `x` channel-major, `(kh kw C, B H' W')`, times the
-    cotangent channel-major, `(O, B H' W')`, both with the summed axis contiguous. The batch goes
-    through in chunks whose taps fit in `TAPS_BYTES` (a `lax.scan` when there is more than one).
+    $\partial W_{t} = \sum_{b, p} \bar y_b[p] \, x_b[s p + t - \text{lo}]^\top$: for each of the
+    $k_h k_w$ taps $t$, the cotangent `(B H' W', O)` and the input's pixels under that tap, a strided
+    window of the padded input `(B H' W', C)`, both channels last as they are, contracted over
+    their rows. No tap is stacked with another or transposed: each window is read once, by its own
+    matmul.
     """
     out, channels, kh, kw = weight.shape
     rows, cols = cotangent.shape[1:3]
-    (top, bottom), (left, right) = padding
+    padded = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    cotangent = cotangent.reshape(-1, out)
 
-    def chunk(x, cotangent):
-        padded = jnp.pad(jnp.moveaxis(x, -1, 0), ((0, 0), (0, 0), (top, bottom), (left, right)))
-        taps = jnp.stack([
-            padded[:, :, i : i + stride[0] * (rows - 1) + 1 : stride[0], j : j + stride[1] * (cols - 1) + 1 : stride[1]]
-            for i in range(kh)
-            for j in range(kw)
-        ])
-        return taps.reshape(kh * kw * channels, -1) @ jnp.moveaxis(cotangent, -1, 0).reshape(out, -1).T
+    def tap(i, j):
+        window = padded[:, i : i + stride[0] * (rows - 1) + 1 : stride[0], j : j + stride[1] * (cols - 1) + 1 : stride[1]]
+        return jax.lax.dot_general(cotangent, window.reshape(-1, channels), (((0,), (0,)), ((), ())))
 
-    batch = x.shape[0]
-    per_image = rows * cols * kh * kw * channels * x.dtype.itemsize
-    size = max(d for d in range(1, batch + 1) if batch % d == 0 and (d == 1 or d * per_image <= TAPS_BYTES))
-    if size == batch:
-        grad = chunk(x, cotangent)
-    else:
-        split = lambda a: a.reshape(batch // size, size, *a.shape[1:])
-        grad = jax.lax.scan(
-            lambda total, xc: (total + chunk(*xc), None),
-            jnp.zeros((kh * kw * channels, out), x.dtype),
-            (split(x), split(cotangent)),
-        )[0]
-    return jnp.transpose(grad.reshape(kh, kw, channels, out), (3, 2, 0, 1))
+    return jnp.stack([tap(i, j) for i in range(kh) for j in range(kw)], axis=-1).reshape(weight.shape)
 
 
 @functools.cache
@@ -107,8 +87,8 @@ def _cpu_conv(stride, padding):
 
     Under `vmap` (how `Denoiser` calls networks) it convolves the whole batch at once, and its
     VJP is [`_input_gradient`][] and [`_weight_gradient`][] over that batch: the kernel's gradient
-    is one matmul summed over the batch, where a per-image VJP would leave `vmap` a batched
-    matmul per image and a sum. The cost: on the CPU, `Conv2d` is differentiable only under a
+    is summed over the batch inside its matmuls, where a per-image VJP would leave `vmap` a
+    batched matmul per image and a sum. The cost: on the CPU, `Conv2d` is differentiable only under a
     `vmap` over the images (`jax.custom_batching.custom_vmap` has no reverse mode of its own).
     """
 
@@ -148,8 +128,8 @@ class Conv2d(eqx.nn.Conv2d):
 
     On the CPU, XLA's own gradients of a convolution run about 100 times slower than the
     convolution (their transposed layouts miss its fast kernels), so the VJP is ours: the input
-    gradient a convolution in the same layout, the kernel gradient one matmul over im2col taps,
-    both over the whole batch under `vmap` ([`_cpu_conv`][]; docs/conventions.md, 'Networks').
+    gradient a convolution in the same layout, the kernel gradient a matmul per kernel tap, both
+    over the whole batch under `vmap` ([`_cpu_conv`][]; docs/conventions.md, 'Networks').
     A U-Net's training step then costs 3 to 4 forward passes (`benchmarks/bench_mstep.py`).
     On the CPU the layer is differentiable under a `vmap` over the images only. Other backends
     use XLA's own convolution and gradients.
