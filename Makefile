@@ -7,8 +7,8 @@
 #   make lab                     JupyterLab on 127.0.0.1:8888, notebooks/*.py open as notebooks;
 #                                Run All uses the defaults: about 6 min each on 2 CPU cores
 #                                (LAB_PORT=8890, LAB_IP=0.0.0.0, LAB_ARGS=...; over SSH: README)
-#   make run                     every notebook at PROFILE=laptop (default): 16-35 min each on
-#                                2 CPU cores, about 2 hours in all (docs/results.md shows them)
+#   make run                     every notebook at PROFILE=laptop (default): 11-28 min each on
+#                                2 CPU cores, about 1½ hours in all (docs/results.md shows them)
 #   make run PROFILE=paper       the paper's configuration, for GPU nodes
 #   make test                    pytest: 499 tests when written (TEST_ARGS="-m 'not slow'" skips
 #                                the notebook runs and the browser check)

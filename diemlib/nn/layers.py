@@ -130,7 +130,7 @@ class Conv2d(eqx.nn.Conv2d):
     convolution (their transposed layouts miss its fast kernels), so the VJP is ours: the input
     gradient a convolution in the same layout, the kernel gradient a matmul per kernel tap, both
     over the whole batch under `vmap` ([`_cpu_conv`][]; docs/conventions.md, 'Networks').
-    A U-Net's training step then costs 3 to 4 forward passes (`benchmarks/bench_mstep.py`).
+    A U-Net's training step then costs about 3.3 to 3.5 forward passes (`benchmarks/bench_mstep.py`).
     On the CPU the layer is differentiable under a `vmap` over the images only. Other backends
     use XLA's own convolution and gradients.
     """
