@@ -10,7 +10,7 @@
 #   make run                     every notebook at PROFILE=laptop (default): 11-28 min each on
 #                                2 CPU cores, about 1½ hours in all (docs/results.md shows them)
 #   make run PROFILE=paper       the paper's configuration, for GPU nodes
-#   make test                    pytest: 499 tests when written (TEST_ARGS="-m 'not slow'" skips
+#   make test                    pytest: 495 tests when written (TEST_ARGS="-m 'not slow'" skips
 #                                the notebook runs and the browser check)
 #   make notebook NB=02 PROFILE=ci ARGS="-p seeds 4"
 #   make params NB=02            a notebook's parameters, defaults and help
