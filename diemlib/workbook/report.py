@@ -111,6 +111,12 @@ class Run:
         return self.metrics.get("run", {})
 
     @property
+    def wall_time(self) -> str | None:
+        """Its wall time as text, e.g. "14 min 27 s" (None: not recorded)."""
+        seconds = self.record.get("wall_time_s")
+        return None if seconds is None else _duration(seconds)
+
+    @property
     def finished(self) -> str:
         if "finished" in self.record:
             return self.record["finished"]
@@ -549,13 +555,13 @@ def _section(stem: str, run: Run | None, root: Path, outputs: Path, docs: Path, 
                         "", f"    {VENV_BIN}diem-run {stem} --profile {profile}", "", "then `make report` again.", ""]
     record, resumable = run.record, "laps" in run.metrics
     note = run.metrics.get("profile_note") or PROFILE_NOTES.get(run.name, "no profile note")
-    wall = _duration(record["wall_time_s"]) if "wall_time_s" in record else "not recorded"
+    wall = run.wall_time or "not recorded"
     lines += [
         f"- **Run:** `{_shown(run.path, root)}/`, profile `{run.name}`: {note}."
         + (f" (The page asked for `{profile}`: none yet.)" if run.name != profile else ""),
         f"- **Scale:** {_scale(run, section, root) if section else 'see its params.yaml'}.",
         f"- **Finished:** {run.finished}; **wall time:** {wall}"
-        + (" (its last invocation, if it was resumed)" if resumable and "wall_time_s" in record else "") + ".",
+        + (" (its last invocation, if it was resumed)" if resumable and run.wall_time else "") + ".",
         f"- **Machine:** {_machine(record)}.",
         f"- **Run it again:** `{run.command}`" if run.command
         else "- **Run it again:** not recorded (no `params.yaml`: a run in JupyterLab).",
@@ -625,7 +631,7 @@ def _ablation(run: Run, section: Section, root: Path, dest: Path) -> list[str]:
             f"{len(runs)} runs whose parameters differ in `{name}` only:", "",
             *(f"- `{name}` = `{value}`: `{_shown(r.path, root)}/`, {r.finished[:16]}, "
               + (f"**stopped after {_laps(len(r.metrics['laps']))}**: {r.stopped}; " if r.stopped else
-                 f"{_duration(r.record['wall_time_s']) if 'wall_time_s' in r.record else 'wall time not recorded'}; ")
+                 f"{r.wall_time or 'wall time not recorded'}; ")
               + f"`{r.command}`" for value, r in runs.items()), "",
             *_table(head, rows),
             f"![{name} ablation](results/{run.stem}/{figure.name})",
@@ -642,7 +648,7 @@ def _summary_row(stem: str, run: Run | None) -> list[str]:
     shown = f"`{run.name}`" + (f" and {len(run.ablation) - 1} more with another `{SECTIONS[stem].ablation}`"
                                if run.ablation else "")
     return [stem, paper, shown, run.finished[:10],
-            _duration(run.record["wall_time_s"]) if "wall_time_s" in run.record else "–",
+            run.wall_time or "–",
             f"{sum(c['holds'] for c in claims.values())} of {len(claims)}" if claims else "–"]
 
 
